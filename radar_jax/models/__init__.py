@@ -1,0 +1,1 @@
+"""Flax Linen models: the VQ tokenizer, its discriminator and LPIPS, and the transformer."""

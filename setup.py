@@ -1,0 +1,36 @@
+"""radar_jax: RadAR (radial-parallel autoregressive image generation) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="radar_jax",
+    version="0.1.0",
+    description="RadAR: radial-parallel autoregressive image generation in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["radar_jax", "radar_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.10.0",
+        "grain>=0.2.6",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scikit-learn>=1.3",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # What the test suite needs beyond the runtime dependencies.
+        "test": ["pytest>=8.0"],
+        # Only to read LlamaGen's PyTorch `.pt` checkpoints.
+        "torch": ["torch>=2.0"],
+        # clu.metric_writers (TensorBoard summaries) imports TensorFlow.
+        "tensorboard": ["tensorflow>=2.16", "tensorboard>=2.16"],
+    },
+)
