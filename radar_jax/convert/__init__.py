@@ -1,0 +1,8 @@
+"""Converters from LlamaGen PyTorch checkpoints to radar_jax's Flax parameter trees.
+
+`load_state_dict(path)` reads a flat {torch name: numpy array} dict from a `.pt`, `.npz` or
+`.safetensors` file; `load_llamagen_vq(path)` turns a LlamaGen VQ tokenizer checkpoint into
+`(config, params)` for `radar_jax.models.vq.VQModel`.
+"""
+
+from radar_jax.convert.state_dict import load_npz_config, load_state_dict
