@@ -1,0 +1,101 @@
+"""Building blocks for the config files in configs/: every field documented once, here.
+
+A config file (configs/*.py) assembles these sections and overrides what its setting needs;
+command-line flags override single fields (`--config.tokenizer.num_steps=10`).
+
+Sections:
+  data       the image dataset (radar_jax/data.py).
+  tokenizer  a whole tokenizer training run (radar_jax/train_vq.py): its own data, model, losses,
+             optimizer, schedule of steps. Tokenizer-only configs (vq16.py, demo_vq.py) are this
+             section at the top level.
+  mesh       device mesh sizes (radar_jax/sharding.py).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def data(source: str = "digits", image_size: int = 32, **overrides) -> ml_collections.ConfigDict:
+    """The image dataset (see radar_jax/data.py)."""
+    c = ml_collections.ConfigDict()
+    c.source = source          # 'digits' (embedded sklearn digits) | 'imagefolder' | 'tfds'
+    c.path = ""                # imagefolder: root directory with one subfolder per class
+    c.tfds_name = ""           # tfds: dataset name, e.g. 'imagenet2012'
+    c.tfds_data_dir = ""       # tfds: data_dir holding the prepared dataset ('' = TFDS default)
+    c.train_split = "train"    # split used for training
+    c.eval_split = "validation" if source != "digits" else "eval"  # held-out split
+    c.image_size = image_size  # square output resolution in pixels
+    c.random_crop = False      # train: random crop (True) or center crop after short-side resize
+    c.flip = False             # train: random horizontal flips
+    c.num_workers = 0          # grain worker processes (0 = in the main process)
+    c.update(overrides)
+    return c
+
+
+def mesh(data_axis: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh sizes; -1 on one axis takes all remaining devices (radar_jax/sharding.py)."""
+    return ml_collections.ConfigDict(dict(data=data_axis, fsdp=fsdp, tensor=tensor))
+
+
+def vq_model(**overrides) -> ml_collections.ConfigDict:
+    """VQ tokenizer architecture, LlamaGen's field names (radar_jax/models/vq.py).
+
+    Defaults are LlamaGen's VQ-16: 256px images -> 16x16 codes from a 16384 x 8 codebook.
+    """
+    c = ml_collections.ConfigDict()
+    c.codebook_size = 16384        # number of codebook entries
+    c.codebook_embed_dim = 8       # dimension of each code vector
+    c.codebook_l2_norm = True      # l2-normalise codes and latents before the nearest lookup
+    c.codebook_show_usage = True   # report the fraction of codes used per batch
+    c.commit_loss_beta = 0.25      # weight of the commitment loss
+    c.entropy_loss_ratio = 0.0     # weight of the codebook entropy loss (0 = off)
+    c.ch = 128                     # base channel count of encoder and decoder
+    c.encoder_ch_mult = (1, 1, 2, 2, 4)  # channel multiplier per level; len-1 downsamplings
+    c.decoder_ch_mult = (1, 1, 2, 2, 4)
+    c.z_channels = 256             # encoder output channels before quant_conv
+    c.num_res_blocks = 2           # residual blocks per level
+    c.dropout_p = 0.0              # dropout inside residual blocks
+    c.dtype = "float32"            # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    c.update(overrides)
+    return c
+
+
+def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+              **overrides) -> ml_collections.ConfigDict:
+    """A tokenizer training run (radar_jax/train_vq.py), LlamaGen's recipe as defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                     # seeds init, data order, dropout
+    c.data = data_config
+    c.model = model
+    c.init_from = ""               # LlamaGen VQ checkpoint (.pt/.npz/.safetensors) to start from
+    c.batch_size = 128             # global batch size (split over the mesh's data axes)
+    c.num_steps = 400_000          # total training steps
+    c.loss = ml_collections.ConfigDict()
+    c.loss.reconstruction_weight = 1.0   # L2 pixel loss
+    c.loss.perceptual_weight = 1.0       # LPIPS-VGG16; forced to 0 (with a notice) without lpips_path
+    c.loss.lpips_path = ""               # .npz written by launch/convert_lpips.py
+    c.loss.codebook_weight = 1.0         # scales vq + commitment + entropy losses
+    c.loss.disc_weight = 0.5             # generator's adversarial loss weight
+    c.loss.disc_start = 20_000           # step at which the GAN losses switch on
+    c.loss.disc_loss = "hinge"           # discriminator loss: 'hinge' | 'vanilla' | 'non_saturating'
+    c.loss.gen_loss = "hinge"            # generator adversarial loss: 'hinge' | 'non_saturating'
+    c.loss.disc_ndf = 64                 # PatchGAN base channels
+    c.loss.disc_layers = 3               # PatchGAN depth
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4                    # peak learning rate (generator and discriminator)
+    c.optim.beta1 = 0.9
+    c.optim.beta2 = 0.95
+    c.optim.weight_decay = 0.0           # decoupled weight decay (0 = plain Adam)
+    c.optim.grad_clip = 1.0              # global-norm clipping (0 = off)
+    c.optim.warmup_steps = 0             # linear warmup from 0
+    c.ema_decay = 0.0                    # EMA of the tokenizer params (0 = off); eval uses EMA if on
+    c.log_every = 50                     # steps between metric lines
+    c.eval_every = 1000                  # steps between held-out evaluations (and at the end)
+    c.ckpt_every = 1000                  # steps between checkpoints (and at the end)
+    c.keep_checkpoints = 3               # checkpoints kept on disk
+    c.eval_batch_size = 128
+    c.eval_images = 8                    # originals/reconstructions shown in the PNG
+    c.mesh = mesh()
+    c.update(overrides)
+    return c

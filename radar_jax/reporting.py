@@ -1,0 +1,178 @@
+"""Metrics, images and progress for training runs.
+
+`create_writer(workdir)` gives a writer with clu's MetricWriter methods (write_scalars,
+write_images, write_texts, flush, close). It always writes JSON lines (workdir/metrics.jsonl)
+and PNGs (workdir/images/), which need nothing beyond numpy and pillow. When the `tensorboard`
+extra is installed (TensorFlow + TensorBoard, which `clu.metric_writers` imports), it also
+writes TensorBoard summaries through clu. `Progress` prints steps/s and ETA, with a tqdm bar on
+interactive terminals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float images in [-1, 1] (..., H, W, C) -> uint8 in [0, 255]."""
+    images = np.asarray(images, np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
+    """Tiles uint8 images (N, H, W, C) into one (rows*(H+pad)+pad, ncol*(W+pad)+pad, C) image."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    nrow = -(-n // ncol)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), images.dtype)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_png(path: str, image_uint8: np.ndarray, scale: int = 1) -> str:
+    """Writes an (H, W, 3) uint8 image, optionally upscaled by `scale` (nearest), atomically."""
+    img = Image.fromarray(np.asarray(image_uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_gif(path: str, frames_uint8: list[np.ndarray], duration_ms: int = 400,
+             scale: int = 1) -> str:
+    """Writes frames (each (H, W, 3) uint8) as a looping animated GIF; the last frame lingers."""
+    imgs = [Image.fromarray(np.asarray(f)) for f in frames_uint8]
+    if scale > 1:
+        imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
+    durations = [duration_ms] * (len(imgs) - 1) + [duration_ms * 4]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=durations,
+                 loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+class JsonlWriter:
+    """clu-style MetricWriter: scalars to metrics.jsonl, images to PNG files. No TensorFlow."""
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+        os.makedirs(workdir, exist_ok=True)
+        self._workdir = workdir
+        self._file = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step)}
+        row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.ndim == 4:  # a batch: tile it
+                image = image_grid(image, ncol=min(len(image), 8))
+            save_png(os.path.join(self._workdir, "images", f"{name}_{int(step):08d}.png"), image)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        for name, text in texts.items():
+            self._file.write(json.dumps({"step": int(step), name: str(text)}) + "\n")
+        self._file.flush()
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+class MultiWriter:
+    """Forwards every call to several writers."""
+
+    def __init__(self, writers):
+        self._writers = list(writers)
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self._writers:
+                getattr(w, name)(*args, **kwargs)
+        return call
+
+
+def create_writer(workdir: str, tensorboard: bool = True):
+    """JSON-lines + PNG writer, plus clu's TensorBoard writer when TensorFlow is installed."""
+    writers = [JsonlWriter(workdir)]
+    if tensorboard:
+        try:
+            from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        except ImportError:
+            logging.info("TensorBoard summaries off: install radar_jax[tensorboard] for them; "
+                         "metrics go to %s/metrics.jsonl.", workdir)
+        else:
+            writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+    return MultiWriter(writers)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+class Progress:
+    """Steps/s and ETA for a loop of `total` steps starting at `start`.
+
+    Logs one line every `every` steps (and at the end), and shows a tqdm bar when stderr is a
+    terminal. `update(step, **metrics)` is cheap: call it every step.
+    """
+
+    def __init__(self, name: str, total: int, start: int = 0, every: int = 50):
+        self.name, self.total, self.every = name, total, max(1, every)
+        self._t0, self._s0 = time.perf_counter(), start
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+            self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+
+    def rate(self, step: int) -> float:
+        elapsed = time.perf_counter() - self._t0
+        return (step - self._s0) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, step: int, **metrics):
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if metrics:
+                self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items()},
+                                      refresh=False)
+        if step % self.every == 0 or step == self.total:
+            rate = self.rate(step)
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+            msg = (f"{self.name}: step {step}/{self.total} {shown} {rate:.2f} steps/s "
+                   f"ETA {_fmt_seconds(eta) if np.isfinite(eta) else '?'}")
+            if self._bar is not None:
+                self._bar.write(msg)
+            else:
+                logging.info(msg)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
