@@ -1,0 +1,301 @@
+"""Tokenizer training: LlamaGen's VQ recipe, in one readable function.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) a whole tokenizer training run:
+
+  setup -> data -> model -> shard -> update step -> checkpoint -> evals -> loop
+
+Losses (LlamaGen's VQLoss): L2 reconstruction + LPIPS perceptual + codebook (vq + commitment +
+entropy) + PatchGAN adversarial loss after `loss.disc_start` steps (hinge by default). The
+discriminator is updated in the same jitted step on the detached reconstructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from radar_jax import checkpoint as ckpt_lib
+from radar_jax import data as data_lib
+from radar_jax import evaluation
+from radar_jax import reporting
+from radar_jax import sharding
+from radar_jax.models import discriminator as disc_lib
+from radar_jax.models import lpips as lpips_lib
+from radar_jax.models import vq as vq_lib
+
+
+@flax.struct.dataclass
+class VQTrainState:
+    """Everything a tokenizer run checkpoints. `ema_params` is {} when EMA is off."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    disc_params: Any
+    disc_batch_stats: Any
+    disc_opt_state: Any
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam(beta1, beta2) with global-norm clipping, optional warmup and decoupled decay.
+
+    The learning rate is constant after warmup (LlamaGen's tokenizer recipe), so a run resumed
+    with a larger num_steps continues exactly as if it had been started with it.
+    """
+    lr = optim.lr
+    if optim.warmup_steps:
+        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    chain = []
+    if optim.grad_clip:
+        chain.append(optax.clip_by_global_norm(optim.grad_clip))
+    chain.append(optax.adamw(lr, b1=optim.beta1, b2=optim.beta2,
+                             weight_decay=optim.weight_decay))
+    return optax.chain(*chain)
+
+
+def _perceptual_setup(loss_config):
+    """Returns (lpips_module, lpips_params, weight): weight 0 without a converted LPIPS file."""
+    if loss_config.perceptual_weight and not loss_config.lpips_path:
+        logging.warning(
+            "Perceptual loss off: config.loss.lpips_path is empty. LlamaGen trains with LPIPS; "
+            "convert the VGG16 + LPIPS weights once with launch/convert_lpips.py and pass "
+            "--config.loss.lpips_path=FILE.npz to turn it on.")
+        return None, None, 0.0
+    if not loss_config.perceptual_weight:
+        return None, None, 0.0
+    return lpips_lib.LPIPS(), lpips_lib.load_lpips_params(loss_config.lpips_path), \
+        float(loss_config.perceptual_weight)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the tokenizer in `workdir`; returns the final eval metrics."""
+    # ---------------------------------------------------------------- setup
+    os.makedirs(workdir, exist_ok=True)
+    data_lib.check_data_available(config.data)
+    writer = reporting.create_writer(workdir)
+    mesh = sharding.make_mesh(config.get("mesh"))
+    sharding.check_batch_divisible(config.batch_size, mesh)
+    rng = jax.random.key(config.seed)
+    logging.info("Tokenizer run in %s on %d device(s), mesh %s.", workdir, jax.device_count(),
+                 dict(mesh.shape))
+
+    # ---------------------------------------------------------------- data
+    train_ds = data_lib.make_image_dataset(
+        config.data, config.data.train_split, config.batch_size // jax.process_count(),
+        seed=config.seed, train=True, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+    train_iter = iter(train_ds)
+
+    # ---------------------------------------------------------------- model
+    model = vq_lib.VQModel(config.model)
+    disc = disc_lib.PatchDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_layers)
+    lpips_model, lpips_params, perceptual_weight = _perceptual_setup(config.loss)
+    tx = make_optimizer(config.optim)
+    disc_tx = make_optimizer(config.optim)
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def init_state(rng):
+        rng_model, rng_disc = jax.random.split(rng)
+        params = model.init(rng_model, dummy)["params"]
+        disc_vars = disc.init(rng_disc, dummy)
+        return VQTrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            ema_params=params if config.ema_decay else {},
+            disc_params=disc_vars["params"], disc_batch_stats=disc_vars.get("batch_stats", {}),
+            disc_opt_state=disc_tx.init(disc_vars["params"]))
+
+    # ---------------------------------------------------------------- shard
+    # Params born sharded: shapes from eval_shape, shardings from the logical axis names, then
+    # init runs under jit with those output shardings (nothing is materialised on one device).
+    abstract = jax.eval_shape(init_state, rng)
+    rules = sharding.rules_from_config(config)
+    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=state_shardings)(rng)
+    data_sharding = sharding.batch_sharding(mesh, 4)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("Tokenizer: %.2fM parameters.", num_params / 1e6)
+
+    # ---------------------------------------------------------------- update step
+    def g_loss_fn(params, state, images, rng, use_gan):
+        recon, aux = model.apply({"params": params}, images, train=True,
+                                 rngs={"dropout": rng})
+        rec_loss = jnp.mean(jnp.square(recon - images))
+        codebook_loss = aux["vq_loss"] + aux["commit_loss"] + aux["entropy_loss"]
+        loss = (config.loss.reconstruction_weight * rec_loss
+                + config.loss.codebook_weight * codebook_loss)
+        metrics = dict(rec_loss=rec_loss, vq_loss=aux["vq_loss"], commit_loss=aux["commit_loss"],
+                       entropy_loss=aux["entropy_loss"], codebook_usage=aux["codebook_usage"])
+        if perceptual_weight:
+            p_loss = jnp.mean(lpips_model.apply({"params": lpips_params}, recon, images))
+            loss += perceptual_weight * p_loss
+            metrics["perceptual_loss"] = p_loss
+        if use_gan:
+            logits_fake, _ = disc.apply(
+                {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, recon,
+                mutable=["batch_stats"])
+            g_adv = disc_lib.generator_loss(logits_fake, config.loss.gen_loss)
+            loss += config.loss.disc_weight * g_adv
+            metrics["g_adv_loss"] = g_adv
+        metrics["loss"] = loss
+        return loss, (recon, metrics)
+
+    def d_loss_fn(disc_params, batch_stats, images, recon):
+        both = jnp.concatenate([images, jax.lax.stop_gradient(recon)], axis=0)
+        logits, new_vars = disc.apply({"params": disc_params, "batch_stats": batch_stats}, both,
+                                      mutable=["batch_stats"])
+        logits_real, logits_fake = jnp.split(logits, 2, axis=0)
+        d_loss = disc_lib.discriminator_loss(logits_real, logits_fake, config.loss.disc_loss)
+        return d_loss, (new_vars["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+
+    @functools.partial(jax.jit, static_argnames="use_gan", donate_argnums=0,
+                       in_shardings=(state_shardings, data_sharding),
+                       out_shardings=(state_shardings, None))
+    def train_step(state, images, use_gan):
+        step_rng = jax.random.fold_in(rng, state.step)
+        (_, (recon, metrics)), grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+            state.params, state, images, step_rng, use_gan)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        ema = state.ema_params
+        if config.ema_decay:
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
+                               ema, params)
+        disc_params, batch_stats, disc_opt_state = (state.disc_params, state.disc_batch_stats,
+                                                    state.disc_opt_state)
+        if use_gan:
+            (d_loss, (batch_stats, real, fake)), d_grads = jax.value_and_grad(
+                d_loss_fn, has_aux=True)(disc_params, batch_stats, images, recon)
+            d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
+            disc_params = optax.apply_updates(disc_params, d_updates)
+            metrics.update(d_loss=d_loss, logits_real=real, logits_fake=fake)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             ema_params=ema, disc_params=disc_params,
+                             disc_batch_stats=batch_stats,
+                             disc_opt_state=disc_opt_state), metrics
+
+    # ---------------------------------------------------------------- checkpoint
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.keep_checkpoints)
+    state, resumed = ckpt.restore(state, train_iter)
+    if resumed is None and config.init_from:
+        state = state.replace(params=_load_init(config, state.params, state_shardings.params))
+        if config.ema_decay:
+            state = state.replace(ema_params=state.params)
+    start = int(state.step)
+
+    # ---------------------------------------------------------------- evals
+    evaluator = TokenizerEvaluator(config, model, mesh)
+
+    def run_eval(step):
+        params = state.ema_params if config.ema_decay else state.params
+        metrics, grid = evaluator(params)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        writer.write_images(step, {"recon": grid})
+        reporting.save_png(os.path.join(workdir, "reconstructions.png"), grid, scale=4)
+        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(step=step, **metrics), f, indent=1)
+        logging.info("Tokenizer eval at step %d: %s", step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    # ---------------------------------------------------------------- loop
+    progress = reporting.Progress("tokenizer", config.num_steps, start, every=config.log_every)
+    metrics = {}
+    for step in range(start + 1, config.num_steps + 1):
+        batch = next(train_iter)
+        images = sharding.shard_batch(batch["image"], mesh)
+        use_gan = step > config.loss.disc_start
+        state, step_metrics = train_step(state, images, use_gan=use_gan)
+        if step % config.log_every == 0 or step == config.num_steps:
+            step_metrics = jax.device_get(step_metrics)
+            writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
+            progress.update(step, loss=step_metrics["loss"], rec=step_metrics["rec_loss"])
+        else:
+            progress.update(step)
+        if step % config.ckpt_every == 0 or step == config.num_steps:
+            ckpt.save(step, state, train_iter)
+        if step % config.eval_every == 0 and step != config.num_steps:
+            run_eval(step)
+    progress.close()
+    ckpt.close()
+    metrics = run_eval(config.num_steps)
+    # A params-only copy for the generator stages, sampling and the notebook.
+    ckpt_lib.export_params(os.path.join(workdir, "params"),
+                           state.ema_params if config.ema_decay else state.params)
+    writer.close()
+    return metrics
+
+
+def _load_init(config, params_template, params_shardings):
+    """Params from a converted LlamaGen checkpoint, checked against this run's model config."""
+    from radar_jax import convert  # pylint: disable=g-import-not-at-top
+    loaded_config, loaded = convert.load_llamagen_vq(config.init_from, config=config.model)
+    for key in ("codebook_size", "codebook_embed_dim", "z_channels", "ch"):
+        if loaded_config[key] != config.model[key]:
+            raise ValueError(
+                f"config.init_from={config.init_from} has {key}={loaded_config[key]} but "
+                f"config.model.{key}={config.model[key]}; use the matching config (e.g. "
+                "configs/vq16.py for LlamaGen's VQ-16).")
+    logging.info("Initialised the tokenizer from %s.", config.init_from)
+    return jax.device_put(jax.tree.map(jnp.asarray, loaded), params_shardings)
+
+
+class TokenizerEvaluator:
+    """Held-out reconstruction metrics: PSNR, codebook usage/perplexity and, on the digits, the
+    accuracy a digit classifier keeps on reconstructed held-out digits."""
+
+    def __init__(self, config, model, mesh):
+        self.config, self.model, self.mesh = config, model, mesh
+        self.is_digits = config.data.source == "digits"
+        if self.is_digits:
+            self.classifier = evaluation.DigitClassifier()
+            x8, y = data_lib.load_digits_split("eval")
+            self.real_accuracy = self.classifier.accuracy(x8, y)
+
+        @jax.jit
+        def reconstruct(params, images):
+            recon, aux = model.apply({"params": params}, images)
+            return recon, aux["codes"]
+        self._reconstruct = reconstruct
+
+    def __call__(self, params) -> tuple[dict[str, float], np.ndarray]:
+        config = self.config
+        ds = data_lib.make_image_dataset(config.data, config.data.eval_split,
+                                         config.eval_batch_size, seed=0, train=False,
+                                         num_epochs=1, drop_remainder=False)
+        originals, recons, codes, labels = [], [], [], []
+        for batch in ds:
+            recon, code = self._reconstruct(params, jnp.asarray(batch["image"]))
+            originals.append(batch["image"])
+            recons.append(np.asarray(recon))
+            codes.append(np.asarray(code))
+            labels.append(batch["label"])
+        originals, recons = np.concatenate(originals), np.clip(np.concatenate(recons), -1, 1)
+        codes, labels = np.concatenate(codes), np.concatenate(labels)
+        metrics = dict(
+            psnr=evaluation.psnr(recons, originals),
+            codebook_usage=evaluation.codebook_usage(codes, config.model.codebook_size),
+            codebook_perplexity=evaluation.codebook_perplexity(codes,
+                                                               config.model.codebook_size))
+        if self.is_digits:
+            acc = self.classifier.accuracy(data_lib.images_to_digits(recons), labels)
+            metrics.update(classifier_accuracy_real=self.real_accuracy,
+                           classifier_accuracy_recon=acc,
+                           classifier_accuracy_kept=acc / self.real_accuracy)
+        n = config.eval_images
+        grid = reporting.image_grid(reporting.to_uint8(np.concatenate(
+            [originals[:n], recons[:n]])), ncol=n)
+        return {k: float(v) for k, v in metrics.items()}, grid
