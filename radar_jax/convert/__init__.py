@@ -6,3 +6,4 @@
 """
 
 from radar_jax.convert.state_dict import load_npz_config, load_state_dict
+from radar_jax.convert.vq import load_llamagen_vq
