@@ -99,3 +99,72 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.mesh = mesh()
     c.update(overrides)
     return c
+
+
+def schedule(kind: str = "euclidean", **overrides) -> ml_collections.ConfigDict:
+    """The ring schedule (radar_jax/schedules.py) on the model's token grid."""
+    c = ml_collections.ConfigDict()
+    c.kind = kind        # 'euclidean' | 'crops' | 'raster' (next-token baseline)
+    c.preset = ""        # crops: 'crops10' or 'crops13' (16x16 grids)
+    c.sizes = ()         # crops: explicit nested crop sizes P_1 < ... < P_K = grid side
+    c.num_steps = 0      # >0: an evenly spaced sub-ladder with this many steps (0 = all rings)
+    c.update(overrides)
+    return c
+
+
+def generator_train(**overrides) -> ml_collections.ConfigDict:
+    """Generator training (radar_jax/train.py); LlamaGen's ImageNet recipe as defaults."""
+    c = ml_collections.ConfigDict()
+    c.batch_size = 256           # global batch (split over the mesh's data axes)
+    c.num_steps = 1_500_000      # ~300 ImageNet epochs at batch 256
+    c.lr = 1e-4                  # peak learning rate
+    c.beta1 = 0.9
+    c.beta2 = 0.95
+    c.weight_decay = 0.05        # AdamW decay on matrices and embeddings only (not norms)
+    c.grad_clip = 1.0            # global-norm clipping (0 = off)
+    c.warmup_steps = 0           # linear warmup from 0
+    c.decay = "constant"         # after warmup: 'constant' | 'cosine' | 'linear'
+    c.decay_steps = 0            # step where the decay ends (0 = num_steps)
+    c.min_lr_ratio = 0.0         # final lr = min_lr_ratio * lr for cosine/linear
+    c.grad_accum = 1             # micro-batches per step (batch_size must divide by it)
+    c.ema_decay = 0.0            # EMA of params (0 = off); sampling uses EMA when on
+    c.known_weight = 1.0         # loss weight of known-area (correction) tokens vs new-ring tokens
+    c.rni_range = (0.0, 0.0)     # RNI: per-example fraction of known inputs replaced ~ U(lo, hi)
+    c.rds = False                # RDS: train on random sub-ladders of the ring ladder
+    c.rds_mode = "per_example"   # 'per_example' (padded per-example layouts) | 'per_batch'
+    c.rds_keep_prob = 0.5        # probability of keeping each intermediate ring boundary
+    c.rds_min_steps = 2          # fewest steps of a sampled sub-ladder
+    c.log_every = 100
+    c.ckpt_every = 5000
+    c.keep_checkpoints = 3
+    c.update(overrides)
+    return c
+
+
+def sampling(**overrides) -> ml_collections.ConfigDict:
+    """Sampling (radar_jax/sampling.py) for --mode=sample and the pipeline's last stage."""
+    c = ml_collections.ConfigDict()
+    c.labels = ()              # class ids to sample; () = every class in turn
+    c.num_per_class = 8        # images per class label
+    c.batch_size = 64          # images per sampler call
+    c.num_steps = 0            # steps (sub-ladder of the trained schedule); 0 = all rings
+    c.schedule = ""            # override the schedule kind ('' = the trained one)
+    c.cfg_scale = 2.0          # classifier-free guidance scale (1 = off)
+    c.cfg_schedule = "constant"  # 'constant' | 'linear' (ramp from 1 to cfg_scale over steps)
+    c.temperature = 1.0
+    c.top_k = 0                # 0 = off; 1 = greedy
+    c.top_p = 1.0              # nucleus sampling threshold; 1 = off
+    c.correct = True           # re-predict (correct) the known area at every step
+    c.seed = 0
+    c.use_ema = True           # sample with EMA params when the run kept them
+    c.update(overrides)
+    return c
+
+
+def tokens(**overrides) -> ml_collections.ConfigDict:
+    """The token-map cache the generator trains on (encoded once with the tokenizer)."""
+    c = ml_collections.ConfigDict()
+    c.augment = "none"         # 'none' | 'flip' (also store the codes of flipped images)
+    c.batch_size = 256         # encoding batch size
+    c.update(overrides)
+    return c
