@@ -22,6 +22,7 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "scikit-learn>=1.3",
+        "scipy>=1.10",
         "tqdm>=4.66",
         "safetensors>=0.4",
     ],

@@ -78,8 +78,8 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.loss.codebook_weight = 1.0         # scales vq + commitment + entropy losses
     c.loss.disc_weight = 0.5             # generator's adversarial loss weight
     c.loss.disc_start = 20_000           # step at which the GAN losses switch on
-    c.loss.disc_loss = "hinge"           # discriminator loss: 'hinge' | 'vanilla' | 'non_saturating'
-    c.loss.gen_loss = "hinge"            # generator adversarial loss: 'hinge' | 'non_saturating'
+    c.loss.disc_loss = "hinge"           # discriminator loss: 'hinge' | 'vanilla' | 'non-saturating'
+    c.loss.gen_loss = "hinge"            # generator adversarial loss: 'hinge' | 'non-saturating'
     c.loss.disc_ndf = 64                 # PatchGAN base channels
     c.loss.disc_layers = 3               # PatchGAN depth
     c.optim = ml_collections.ConfigDict()
@@ -156,7 +156,7 @@ def sampling(**overrides) -> ml_collections.ConfigDict:
     c.top_p = 1.0              # nucleus sampling threshold; 1 = off
     c.correct = True           # re-predict (correct) the known area at every step
     c.seed = 0
-    c.use_ema = True           # sample with EMA params when the run kept them
+    c.eval_per_class = 50      # digits evaluation: samples per class for accuracy / Frechet
     c.update(overrides)
     return c
 

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- model
     model = vq_lib.VQModel(config.model)
-    disc = disc_lib.PatchDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_layers)
+    disc = disc_lib.PatchGANDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_layers)
     lpips_model, lpips_params, perceptual_weight = _perceptual_setup(config.loss)
     tx = make_optimizer(config.optim)
     disc_tx = make_optimizer(config.optim)
@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logits_fake, _ = disc.apply(
                 {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, recon,
                 mutable=["batch_stats"])
-            g_adv = disc_lib.generator_loss(logits_fake, config.loss.gen_loss)
+            g_adv = disc_lib.get_g_loss(config.loss.gen_loss)(logits_fake)
             loss += config.loss.disc_weight * g_adv
             metrics["g_adv_loss"] = g_adv
         metrics["loss"] = loss
@@ -156,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logits, new_vars = disc.apply({"params": disc_params, "batch_stats": batch_stats}, both,
                                       mutable=["batch_stats"])
         logits_real, logits_fake = jnp.split(logits, 2, axis=0)
-        d_loss = disc_lib.discriminator_loss(logits_real, logits_fake, config.loss.disc_loss)
+        d_loss = disc_lib.get_d_loss(config.loss.disc_loss)(logits_real, logits_fake)
         return d_loss, (new_vars["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
 
     @functools.partial(jax.jit, static_argnames="use_gan", donate_argnums=0,
