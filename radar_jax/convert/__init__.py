@@ -5,5 +5,6 @@
 `(config, params)` for `radar_jax.models.vq.VQModel`.
 """
 
+from radar_jax.convert.gpt import load_llamagen_gpt
 from radar_jax.convert.state_dict import load_npz_config, load_state_dict
 from radar_jax.convert.vq import load_llamagen_vq
