@@ -1,0 +1,426 @@
+"""Tests for radar_jax.data: digits, image folders, TFDS (mocked), resume, token caches."""
+
+import io
+import logging
+import os
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from radar_jax import data
+
+S = 16  # output side for the folder/TFDS tests: small keeps decoding cheap
+
+
+def data_config(**overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        source="digits", path="", tfds_name="", tfds_data_dir="", train_split="train",
+        eval_split="validation", image_size=32, random_crop=False, flip=False, num_workers=0))
+    cfg.update(overrides)
+    return cfg
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits
+# ---------------------------------------------------------------------------------------------
+
+def test_digits_split_is_fixed_disjoint_and_complete():
+    from sklearn.datasets import load_digits
+
+    x_tr, y_tr = data.load_digits_split("train")
+    x_ev, y_ev = data.load_digits_split("eval")
+    assert x_tr.dtype == np.float32 and y_tr.dtype == np.int32
+    assert x_tr.shape[1:] == (8, 8) and len(x_tr) + len(x_ev) == 1797
+    assert 1450 <= len(x_tr) <= 1550
+    assert set(np.unique(y_ev)) == set(range(10))  # every class is held out
+    # Together the splits are exactly the 1,797 sklearn digits (as a multiset), so they are
+    # disjoint; compare rows of (label, pixels) sorted lexicographically.
+    full = load_digits()
+    rows = lambda x, y: np.sort(np.concatenate([y[:, None], x.reshape(len(x), -1)], 1)  # noqa
+                                .view([("", np.float64)] * 65), axis=0)
+    both = rows(np.concatenate([x_tr, x_ev]).astype(np.float64),
+                np.concatenate([y_tr, y_ev]).astype(np.float64))
+    np.testing.assert_array_equal(both, rows(full.images, full.target.astype(np.float64)))
+    # Fixed: a second call gives the same split.
+    x_ev2, y_ev2 = data.load_digits_split("eval")
+    np.testing.assert_array_equal(x_ev, x_ev2)
+    np.testing.assert_array_equal(y_ev, y_ev2)
+    with pytest.raises(ValueError, match="split"):
+        data.load_digits_split("test")
+
+
+def test_digits_to_images_hand_computed():
+    x = np.zeros((1, 8, 8), np.float32)
+    x[0, 0, 0] = 16.0
+    img = data.digits_to_images(x, 16)
+    assert img.shape == (1, 16, 16, 3) and img.dtype == np.float32
+    # Output pixel 0 samples input 0 (clamped edge); output 1 samples 0.25: weight 0.75 on the
+    # lit pixel per axis. 16 * w -> [-1, 1] is 16 * w / 8 - 1.
+    np.testing.assert_allclose(img[0, 0, 0], [1.0] * 3, atol=1e-6)
+    np.testing.assert_allclose(img[0, 1, 0, 0], 16 * 0.75 / 8 - 1, atol=1e-6)
+    np.testing.assert_allclose(img[0, 1, 1, 0], 16 * 0.75 * 0.75 / 8 - 1, atol=1e-6)
+    np.testing.assert_allclose(img[0, 2, 0, 0], 16 * 0.25 / 8 - 1, atol=1e-6)
+    np.testing.assert_allclose(img[0, 3:, 3:], -1.0, atol=1e-6)  # black background
+    # At S = 8 it is just the affine map 0..16 -> [-1, 1].
+    x_tr, _ = data.load_digits_split("train")
+    np.testing.assert_allclose(data.digits_to_images(x_tr[:5], 8)[..., 1], x_tr[:5] / 8 - 1,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="image_size"):
+        data.digits_to_images(x, 4)
+
+
+@pytest.mark.parametrize("size", [32, 28])
+def test_digits_round_trip(size):
+    x, _ = data.load_digits_split("eval")
+    img = data.digits_to_images(x[:64], size)
+    assert img.min() >= -1.0 and img.max() <= 1.0
+    back = data.images_to_digits(img)
+    assert back.shape == (64, 8, 8) and back.dtype == np.float32
+    np.testing.assert_allclose(back, x[:64], atol=1e-3)
+
+
+def test_digits_pipeline_batches_and_eval_order():
+    cfg = data_config()
+    it = iter(data.make_image_dataset(cfg, "train", 8, seed=0, train=True))
+    batch = next(it)
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and batch["label"].shape == (8,)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["image"].min() == -1.0 and batch["image"].max() > 0.5  # black bg, white ink
+    assert np.all((batch["label"] >= 0) & (batch["label"] <= 9))
+    # Eval: one pass, source order, last partial batch kept; uint8 storage loses < 1/127.5.
+    x_ev, y_ev = data.load_digits_split("eval")
+    batches = list(data.make_image_dataset(cfg, "validation", 128, seed=0, train=False,
+                                           drop_remainder=False))
+    assert [len(b["label"]) for b in batches][:-1] == [128] * (len(batches) - 1)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), y_ev)
+    images = np.concatenate([b["image"] for b in batches])
+    np.testing.assert_allclose(images, data.digits_to_images(x_ev, 32), atol=1 / 127.5 + 1e-6)
+    np.testing.assert_allclose(data.images_to_digits(images), x_ev, atol=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: colour modes, bad files, clear errors
+# ---------------------------------------------------------------------------------------------
+
+def _pattern(h, w):
+    """uint8 (h, w, 3) with distinct, smooth channels."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([yy * 255 // (h - 1), xx * 255 // (w - 1),
+                     np.full((h, w), 128)], -1).astype(np.uint8)
+
+
+def _write(path, img, fmt, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, fmt, **kw)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """root/{cat,dog}: 6 decodable images in 6 colour modes, a truncated JPEG, a text '.jpg'."""
+    root = str(tmp_path_factory.mktemp("folder"))
+    cat, dog = os.path.join(root, "cat"), os.path.join(root, "dog")
+    _write(os.path.join(cat, "rgb.jpg"), Image.fromarray(_pattern(30, 40)), "JPEG", quality=95)
+    _write(os.path.join(cat, "cmyk.JPEG"), Image.new("CMYK", (20, 24), (0, 0, 0, 0)), "JPEG")
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere ...
+    rgba[:10, :, 3] = 255  # ... opaque on the top half, fully transparent below
+    _write(os.path.join(cat, "rgba.png"), Image.fromarray(rgba, "RGBA"), "PNG")
+    buf = io.BytesIO()
+    Image.fromarray(_pattern(32, 32)).save(buf, "JPEG")
+    with open(os.path.join(cat, "truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _write(os.path.join(dog, "gray.png"), Image.fromarray(np.full((18, 22), 77, np.uint8)), "PNG")
+    pal = Image.new("P", (16, 16))
+    pal.putpalette([10, 20, 30] + [200, 100, 50] * 255)
+    _write(os.path.join(dog, "sub", "palette.png"), pal, "PNG")  # nested folders count too
+    la = Image.fromarray(np.stack([np.full((16, 16), 50), np.full((16, 16), 255)], -1)
+                         .astype(np.uint8), "LA")
+    _write(os.path.join(dog, "la.png"), la, "PNG")
+    with open(os.path.join(dog, "notes.jpg"), "w") as f:
+        f.write("this is not an image\n")
+    with open(os.path.join(dog, "readme.txt"), "w") as f:
+        f.write("ignored: not an image extension\n")
+    broken = sorted([os.path.join(cat, "truncated.jpg"), os.path.join(dog, "notes.jpg")])
+    return root, broken
+
+
+def test_imagefolder_source_converts_every_mode_to_rgb(image_folder):
+    root, broken = image_folder
+    source = data.make_source(data_config(source="imagefolder", path=root), "train")
+    assert source.classes == ["cat", "dog"] and source.num_classes == 2
+    assert len(source) == 8  # 6 decodable + 2 broken; readme.txt is not an image file
+    records, bad = {}, []
+    for i in range(len(source)):
+        path = source.path(i)
+        try:
+            rec = source[i]
+        except data.BadImageError as e:
+            assert e.where == path
+            bad.append(path)
+            continue
+        assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3
+        assert rec["image"].shape[2] == 3
+        assert rec["label"] == (0 if os.sep + "cat" + os.sep in path else 1)
+        records[os.path.basename(path)] = rec["image"]
+    assert sorted(bad) == broken
+    assert records["rgb.jpg"].shape == (30, 40, 3)
+    assert np.all(records["cmyk.JPEG"] >= 250)  # CMYK (0,0,0,0) is white paper
+    np.testing.assert_array_equal(records["rgba.png"][0, 0], [255, 0, 0])  # opaque red
+    np.testing.assert_array_equal(records["rgba.png"][-1, 0], [255, 255, 255])  # on white
+    np.testing.assert_array_equal(records["gray.png"], np.full((18, 22, 3), 77))
+    np.testing.assert_array_equal(records["palette.png"], np.full((16, 16, 3), [10, 20, 30]))
+    np.testing.assert_array_equal(records["la.png"], np.full((16, 16, 3), 50))
+
+
+def test_imagefolder_pipeline_skips_and_counts_bad_files(image_folder, caplog):
+    root, broken = image_folder
+    cfg = data_config(source="imagefolder", path=root, image_size=S)
+    counter = data.SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        batches = list(data.make_image_dataset(cfg, "train", 4, seed=0, train=False,
+                                               drop_remainder=False, skip_counter=counter))
+    assert [b["image"].shape for b in batches] == [(4, S, S, 3), (2, S, S, 3)]
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])  # source order, bad ones gone
+    assert counter.count == 2 and counter.paths == broken
+    for path in broken:  # logged once, with the path
+        assert sum(path in r.getMessage() for r in caplog.records) == 1
+
+    # Training: three epochs, random crops and flips; bad files come up every epoch but are
+    # counted (and logged) once each, and iteration never crashes.
+    caplog.clear()
+    cfg_train = data_config(source="imagefolder", path=root, image_size=S, random_crop=True,
+                            flip=True)
+    ds = data.make_image_dataset(cfg_train, "train", 3, seed=1, train=True, num_epochs=3,
+                                 skip_counter=counter)
+    assert ds.skip_counter is counter
+    with caplog.at_level(logging.WARNING):
+        n = sum(len(b["label"]) for b in ds)
+    assert n == 18 and counter.count == 2 and counter.encounters == 2 + 6
+    assert not any("Skipping" in r.getMessage() for r in caplog.records)  # already logged
+
+    # Without an explicit counter, the process-wide one behind skipped_count() counts them.
+    before = data.skipped_count()
+    list(data.make_image_dataset(cfg, "train", 4, seed=0, train=False, drop_remainder=False))
+    assert data.skipped_count() - before in (0, 2)  # 0 if an earlier test already saw them
+    assert set(broken) <= set(data.pipeline._DEFAULT_SKIP_COUNTER.paths)
+
+
+def test_imagefolder_skips_are_counted_with_worker_processes(image_folder):
+    root, broken = image_folder
+    cfg = data_config(source="imagefolder", path=root, image_size=S, num_workers=1)
+    counter = data.SkipCounter()
+    it = iter(data.make_image_dataset(cfg, "train", 6, seed=0, train=False,
+                                      skip_counter=counter))
+    batch = next(it)
+    it.close()
+    assert batch["image"].shape == (6, S, S, 3)
+    assert counter.count == 2 and counter.paths == broken
+
+
+def test_missing_empty_and_imageless_folders_raise_one_clear_error(tmp_path):
+    missing = str(tmp_path / "no_such_folder")
+    with pytest.raises(data.DataUnavailableError, match="no_such_folder.*does not exist"):
+        data.check_data_available(data_config(source="imagefolder", path=missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataUnavailableError, match=str(empty)):
+        data.make_image_dataset(data_config(source="imagefolder", path=str(empty)), "train",
+                                2, seed=0, train=True)
+    textonly = tmp_path / "textonly"
+    (textonly / "a").mkdir(parents=True)
+    (textonly / "a" / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="textonly.*no image files"):
+        data.check_data_available(data_config(source="imagefolder", path=str(textonly)))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(ValueError, match="subfolder per class"):
+        data.check_data_available(data_config(source="imagefolder", path=str(loose)))
+
+
+def test_all_files_bad_raises_instead_of_spinning(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        (tmp_path / "a" / f"{i}.jpg").write_text("not an image")
+    cfg = data_config(source="imagefolder", path=str(tmp_path), image_size=S)
+    it = iter(data.make_image_dataset(cfg, "train", 2, seed=0, train=True,
+                                      skip_counter=data.SkipCounter()))
+    with pytest.raises(data.DataUnavailableError, match="none of the last 6 images"):
+        next(it)
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="source='webdataset'"):
+        data.make_source(data_config(source="webdataset"), "train")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        data.make_image_dataset(data_config(), "train", 0, seed=0, train=True)
+    with pytest.raises(ValueError, match="shard_index=2"):
+        data.make_image_dataset(data_config(), "train", 4, seed=0, train=True,
+                                shard_index=2, shard_count=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (mocked: no TensorFlow, no download)
+# ---------------------------------------------------------------------------------------------
+
+def test_tfds_mock_batches_without_tensorflow():
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    cfg = data_config(source="tfds", tfds_name="imagenet2012", image_size=S, random_crop=True,
+                      flip=True)
+    with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert "10 records" in data.check_data_available(cfg)
+        it = iter(data.make_image_dataset(cfg, "train", 4, seed=0, train=True))
+        batches = take(it, 3)  # 12 > 10: crosses into the second epoch
+        ev = list(data.make_image_dataset(cfg, "validation", 4, seed=0, train=False,
+                                          drop_remainder=False))
+    for b in batches:
+        assert b["image"].shape == (4, S, S, 3) and b["image"].dtype == np.float32
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+        assert b["label"].dtype == np.int32 and np.all((b["label"] >= 0) & (b["label"] < 1000))
+    assert sum(len(b["label"]) for b in ev) == 10
+    assert "tensorflow" not in sys.modules  # the mock and the source never needed TF
+
+
+def test_tfds_not_prepared_gives_instructions(tmp_path):
+    cfg = data_config(source="tfds", tfds_name="imagenet2012", tfds_data_dir=str(tmp_path))
+    with pytest.raises(data.DataUnavailableError) as err:
+        data.check_data_available(cfg)
+    msg = str(err.value)
+    for needed in ("imagenet2012", str(tmp_path), "ILSVRC2012_img_train.tar", "tfds build",
+                   "--config.data.tfds_data_dir", "array_record"):
+        assert needed in msg
+    cfg.tfds_name = "no_such_dataset_xyz"
+    with pytest.raises(data.DataUnavailableError, match="no_such_dataset_xyz"):
+        data.make_source(cfg, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism and resume
+# ---------------------------------------------------------------------------------------------
+
+def test_same_seed_same_batches_and_exact_resume():
+    # Random crops and flips on, so per-example randomness is part of what must resume.
+    cfg = data_config(random_crop=True, flip=True)
+    ds = data.make_image_dataset(cfg, "train", 8, seed=3, train=True)
+    first, second = iter(ds), iter(ds)
+    a = take(first, 3)
+    assert_batches_equal(a, take(second, 3))
+    state = first.get_state()
+    after = take(first, 2)
+    # A fresh iterator of a freshly built dataset, restored from the saved state.
+    resumed = iter(data.make_image_dataset(cfg, "train", 8, seed=3, train=True))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 2), after)
+    # Another seed gives another stream.
+    other = take(iter(data.make_image_dataset(cfg, "train", 8, seed=4, train=True)), 1)
+    assert not np.array_equal(other[0]["label"], a[0]["label"])
+
+
+def test_resume_with_skipped_files_and_orbax_checkpoint(image_folder, tmp_path):
+    import orbax.checkpoint as ocp
+
+    root, _ = image_folder
+    cfg = data_config(source="imagefolder", path=root, image_size=S, random_crop=True,
+                      flip=True)
+    make = lambda: data.make_image_dataset(cfg, "train", 2, seed=5, train=True,  # noqa: E731
+                                           skip_counter=data.SkipCounter())
+    it = iter(make())
+    take(it, 3)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(7, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    after = take(it, 4)  # crosses the epoch boundary (6 good images, 2 per batch)
+    restored = iter(make())
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.restore(7, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(restored)))
+    assert_batches_equal(take(restored, 4), after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token caches
+# ---------------------------------------------------------------------------------------------
+
+def test_token_cache_round_trip_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16384, size=(5, 4, 4)).astype(np.int64)
+    labels = np.arange(5)
+    path = str(tmp_path / "sub" / "tokens.npz")
+    meta = {"tokenizer": "vq16", "image_size": 64, "augment": ["none"]}
+    data.save_token_cache(path, codes, labels, meta)
+    got_codes, got_labels, got_meta = data.load_token_cache(path)
+    assert got_codes.dtype == np.int32 and got_labels.dtype == np.int32
+    np.testing.assert_array_equal(got_codes, codes)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert got_meta == meta
+    assert os.listdir(tmp_path / "sub") == ["tokens.npz"]  # no temp file left behind
+    data.save_token_cache(path, codes[:2], labels[:2], {})  # overwrite in place
+    assert data.load_token_cache(path)[0].shape == (2, 4, 4)
+
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        data.load_token_cache(str(tmp_path / "missing.npz"))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="garbage.npz.*corrupt"):
+        data.load_token_cache(str(garbage))
+    with open(path, "rb") as f:
+        whole = f.read()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="truncated.npz"):
+        data.load_token_cache(str(truncated))
+    with pytest.raises(ValueError, match="codes"):
+        data.save_token_cache(str(tmp_path / "bad.npz"), codes[0], labels, {})
+    with pytest.raises(ValueError, match="JSON"):
+        data.save_token_cache(str(tmp_path / "bad.npz"), codes, labels, {"x": object()})
+
+
+def test_token_dataset_shapes_epochs_shards_and_resume():
+    n, h, w = 12, 3, 2
+    codes = np.broadcast_to(np.arange(n)[:, None, None], (n, h, w)).copy()  # code = index
+    labels = np.arange(n) % 5
+    batches = list(data.make_token_dataset(codes, labels, 4, seed=0, num_epochs=1))
+    assert len(batches) == 3
+    for b in batches:
+        assert b["codes"].shape == (4, h, w) and b["codes"].dtype == np.int32
+        assert b["label"].shape == (4,) and b["label"].dtype == np.int32
+        np.testing.assert_array_equal(b["codes"][:, 0, 0] % 5, b["label"])  # pairs kept
+    order = np.concatenate([b["codes"][:, 0, 0] for b in batches])
+    assert sorted(order) == list(range(n))  # one epoch = every example once
+    assert list(order) != list(range(n))  # ... shuffled
+    # Two hosts read disjoint halves.
+    shards = [np.concatenate([b["codes"][:, 0, 0] for b in data.make_token_dataset(
+        codes, labels, 2, seed=0, num_epochs=1, shard_index=i, shard_count=2)])
+        for i in range(2)]
+    assert sorted(np.concatenate(shards)) == list(range(n))
+    # Repeated forever by default, reshuffled each epoch, resumable.
+    it = iter(data.make_token_dataset(codes, labels, 4, seed=0))
+    epochs = take(it, 6)
+    first = np.concatenate([b["codes"][:, 0, 0] for b in epochs[:3]])
+    second = np.concatenate([b["codes"][:, 0, 0] for b in epochs[3:]])
+    assert sorted(second) == list(range(n)) and list(first) != list(second)
+    state = it.get_state()
+    after = take(it, 2)
+    resumed = iter(data.make_token_dataset(codes, labels, 4, seed=0))
+    resumed.set_state(state)
+    for a, b in zip(take(resumed, 2), after):
+        np.testing.assert_array_equal(a["codes"], b["codes"])
+        np.testing.assert_array_equal(a["label"], b["label"])
