@@ -13,7 +13,7 @@ setuptools.setup(
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10.0",
-        "optax>=0.2.3",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.10.0",
         "grain>=0.2.6",
         "tensorflow-datasets>=4.9.7",

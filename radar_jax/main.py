@@ -32,6 +32,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
+    logging.getLogger("absl").addFilter(
+        lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
     # Multi-host TPU / GPU clusters: connect the processes before any JAX call. A single
     # process (a laptop, one GPU, one TPU VM) needs nothing.
     if "JAX_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:

@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         d_loss = disc_lib.get_d_loss(config.loss.disc_loss)(logits_real, logits_fake)
         return d_loss, (new_vars["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
 
-    @functools.partial(jax.jit, static_argnames="use_gan", donate_argnums=0,
+    @functools.partial(jax.jit, static_argnums=2, donate_argnums=0,
                        in_shardings=(state_shardings, data_sharding),
                        out_shardings=(state_shardings, None))
     def train_step(state, images, use_gan):
@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state.params, state, images, step_rng, use_gan)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         ema = state.ema_params
         if config.ema_decay:
             ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = next(train_iter)
         images = sharding.shard_batch(batch["image"], mesh)
         use_gan = step > config.loss.disc_start
-        state, step_metrics = train_step(state, images, use_gan=use_gan)
+        state, step_metrics = train_step(state, images, use_gan)
         if step % config.log_every == 0 or step == config.num_steps:
             step_metrics = jax.device_get(step_metrics)
             writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
