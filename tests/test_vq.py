@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from radar_jax.convert.state_dict import load_state_dict
 from radar_jax.models import discriminator as disc_lib
 from radar_jax.models import lpips as lpips_lib
 from radar_jax.models import vq
@@ -325,20 +326,25 @@ def test_lpips_matches_numpy_on_vgg_taps(lpips_setup):
     np.testing.assert_allclose(np.asarray(fx[0]), h, rtol=1e-4, atol=1e-4)
 
 
-def test_lpips_weights_convert_save_and_load(lpips_setup, tmp_path):
-    params, dist, _ = lpips_setup
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    # PyTorch layouts under torchvision's and lpips's key names.
-    vgg_sd = {"classifier.0.weight": np.zeros((4, 4), np.float32)}
+def _torch_layout_state_dicts(params):
+    """LPIPS params in PyTorch layouts under torchvision's and lpips's key names."""
+    vgg_sd = {"classifier.0.weight": np.zeros((4, 4), np.float32)}  # Ignored by the converter.
     lin_sd = {}
-    for path, v in flat.items():
+    for path, v in flax.traverse_util.flatten_dict(params, sep="/").items():
         v = np.asarray(v)
-        if path.startswith("lin"):
+        if path.startswith("lin"):  # (1, 1, C, 1) -> (1, C, 1, 1)
             lin_sd[f"{path.split('/')[0]}.model.1.weight"] = v.transpose(3, 2, 0, 1)
         else:
             index = path.split("/")[1].split("_")[1]
             leaf = "weight" if path.endswith("kernel") else "bias"
             vgg_sd[f"features.{index}.{leaf}"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v
+    return vgg_sd, lin_sd
+
+
+def test_lpips_weights_convert_save_and_load(lpips_setup, tmp_path):
+    params, dist, _ = lpips_setup
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    vgg_sd, lin_sd = _torch_layout_state_dicts(params)
     np.savez(tmp_path / "vgg.npz", **vgg_sd)
     np.savez(tmp_path / "lin.npz", **lin_sd)
     script = os.path.join(os.path.dirname(__file__), "..", "launch", "convert_lpips.py")
@@ -355,3 +361,18 @@ def test_lpips_weights_convert_save_and_load(lpips_setup, tmp_path):
         lpips_lib.lpips_params_from_state_dicts(vgg_sd, bad)
     with pytest.raises(ValueError, match="convert_lpips"):
         lpips_lib.load_lpips_params(tmp_path / "missing.npz")
+
+
+def test_lpips_weights_from_pth_files(lpips_setup, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch not installed: .pth reading untested")
+    params, _, _ = lpips_setup
+    vgg_sd, lin_sd = _torch_layout_state_dicts(params)
+    # lpips saves its lin layers as a plain state dict; a full LPIPS model names the VGG
+    # convs net.slice{n}.{i}.*, which the converter also accepts.
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in lin_sd.items()},
+               tmp_path / "vgg.pth")
+    full = {k.replace("features.", "net.slice1.", 1): v for k, v in vgg_sd.items()}
+    flat = lpips_lib.lpips_params_from_state_dicts(full, load_state_dict(tmp_path / "vgg.pth"))
+    want = flax.traverse_util.flatten_dict(params, sep="/")
+    for k, v in flat.items():
+        np.testing.assert_array_equal(v, np.asarray(want[k]), err_msg=k)

@@ -7,9 +7,9 @@ name rule plus transposes:
   encoder.mid.1.q.bias                       encoder/mid_1/q/bias                      -
   decoder.norm_out.weight                    decoder/norm_out/scale                    -
   quantize.embedding.weight                  quantize/embedding/embedding              -
-  (a 2-D linear weight, if any)              .../kernel                                (out,in)->(in,out)
   quantize.codebook_used                     dropped (LlamaGen's rolling usage buffer)
-Every tensor's shape is checked against `jax.eval_shape(VQModel(config).init, ...)`.
+A 2-D linear weight (out, in), should one appear, becomes an (in, out) kernel. Every tensor's
+shape is checked against `jax.eval_shape(VQModel(config).init, ...)`.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ class Level(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for j in range(self.num_blocks):
-            x = ResnetBlock(self.out_channels, self.dropout_p, self.dtype, name=f"res_{j}")(x, train)
+            x = ResnetBlock(self.out_channels, self.dropout_p, self.dtype,
+                            name=f"res_{j}")(x, train)
             if self.attn:
                 x = AttnBlock(self.dtype, name=f"attn_{j}")(x)
         if self.resample == "down":
