@@ -95,6 +95,7 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.ckpt_every = 1000                  # steps between checkpoints (and at the end)
     c.keep_checkpoints = 3               # checkpoints kept on disk
     c.eval_batch_size = 128
+    c.eval_batches = 0                   # held-out batches per evaluation (0 = the whole split)
     c.eval_images = 8                    # originals/reconstructions shown in the PNG
     c.mesh = mesh()
     c.update(overrides)
@@ -164,7 +165,34 @@ def sampling(**overrides) -> ml_collections.ConfigDict:
 def tokens(**overrides) -> ml_collections.ConfigDict:
     """The token-map cache the generator trains on (encoded once with the tokenizer)."""
     c = ml_collections.ConfigDict()
-    c.augment = "none"         # 'none' | 'flip' (also store the codes of flipped images)
+    c.augment = "none"         # 'none' | 'flip' (+ flipped copies) | 'tencrop' (LlamaGen's 5
+                               # crops of a 1.1x resize, each also flipped: 10 maps per image)
     c.batch_size = 256         # encoding batch size
     c.update(overrides)
+    return c
+
+
+def imagenet_pipeline(size: str, **train_overrides) -> ml_collections.ConfigDict:
+    """RadAR-{B,L,XL} on ImageNet 256x256 with LlamaGen's VQ-16 tokenizer (configs/b.py, ...).
+
+    The tokenizer stage starts from LlamaGen's released VQ-16 (the .pt you pass as
+    --config.tokenizer.init_from) and, with tokenizer.num_steps=0, only converts and exports it;
+    raise num_steps to fine-tune it first (RadAR fine-tunes it on ImageNet).
+    """
+    from radar_jax.models import transformer  # pylint: disable=g-import-not-at-top
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    data_config = data("tfds", image_size=256, tfds_name="imagenet2012", random_crop=True,
+                       flip=True, num_workers=16)
+    c.tokenizer = tokenizer(vq_model(), data_config, batch_size=128, num_steps=0,
+                            eval_batch_size=64, eval_batches=8, ckpt_every=5000,
+                            eval_every=5000)
+    # LlamaGen encodes ImageNet once with ten crops (5 crops x flips of a 1.1x resize).
+    c.tokens = tokens(augment="tencrop", batch_size=128)
+    c.model = transformer.model_config(size, vocab_size=16384, num_classes=1000,
+                                       block_size=256, grid=(16, 16), dtype="bfloat16")
+    c.schedule = schedule("euclidean")            # 13 rings on 16x16: the paper's 13 steps
+    c.train = generator_train(rni_range=(0.0, 0.1), rds=True, **train_overrides)
+    c.sample = sampling(num_per_class=8, batch_size=32, cfg_scale=2.0)
+    c.mesh = mesh()
     return c

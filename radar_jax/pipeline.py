@@ -81,17 +81,20 @@ def cache_tokens(config, workdir) -> str:
     model, params = load_tokenizer(vq_config, vq_workdir)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
     augment = config.tokens.augment
-    if augment not in ("none", "flip"):
-        raise ValueError(f"config.tokens.augment={augment!r}: use 'none' or 'flip'.")
-    ds = data_lib.make_image_dataset(vq_config.data, vq_config.data.train_split,
+    if augment not in ("none", "flip", "tencrop"):
+        raise ValueError(f"config.tokens.augment={augment!r}: use 'none', 'flip' or 'tencrop'.")
+    data_config = vq_config.data.copy_and_resolve_references()
+    size = data_config.image_size
+    if augment == "tencrop":  # LlamaGen: ten crops of a 1.1x center-resized image
+        data_config.image_size = int(round(size * 1.1))
+    ds = data_lib.make_image_dataset(data_config, data_config.train_split,
                                      config.tokens.batch_size, seed=0, train=False,
                                      num_epochs=1, drop_remainder=False)
     codes, labels = [], []
     t0 = time.perf_counter()
     for batch in ds:
-        images = jnp.asarray(batch["image"])
-        views = [images] + ([images[:, :, ::-1]] if augment == "flip" else [])
-        for view in views:  # each augmented view is its own training example, as in LlamaGen
+        # Each augmented view is its own training example, as in LlamaGen's extract_codes.
+        for view in augmented_views(jnp.asarray(batch["image"]), augment, size):
             codes.append(np.asarray(encode(params, view)))
             labels.append(np.asarray(batch["label"]))
     codes, labels = np.concatenate(codes), np.concatenate(labels)
@@ -100,6 +103,20 @@ def cache_tokens(config, workdir) -> str:
     logging.info("Encoded %d token maps %s in %.1fs -> %s", len(codes), codes.shape[1:],
                  time.perf_counter() - t0, path)
     return path
+
+
+def augmented_views(images_BHWC, augment: str, size: int) -> list:
+    """The views the token cache stores per image: itself; + its flip; or LlamaGen's ten crops
+    (4 corners and the center of a `size` crop from the 1.1x image, each also flipped)."""
+    if augment == "none":
+        return [images_BHWC]
+    if augment == "flip":
+        return [images_BHWC, images_BHWC[:, :, ::-1]]
+    big = images_BHWC.shape[1]
+    m, c = big - size, (big - size) // 2
+    crops = [images_BHWC[:, y:y + size, x:x + size]
+             for y, x in ((0, 0), (0, m), (m, 0), (m, m), (c, c))]
+    return crops + [crop[:, :, ::-1] for crop in crops]
 
 
 def _generator_done(config, workdir) -> bool:
@@ -116,8 +133,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all"):
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: choose one of {', '.join(MODES)}.")
     vq_config, vq_workdir = tokenizer_stage(config, workdir)
-    # Fail at once, before any compile, when the dataset is not there.
-    data_lib.check_data_available(vq_config.data)
+    # Fail at once, before any compile, when the dataset is not there: one message, no trace.
+    try:
+        data_lib.check_data_available(vq_config.data)
+    except data_lib.DataUnavailableError as e:
+        prefix = "--config.data." if _is_tokenizer_config(config) else "--config.tokenizer.data."
+        raise SystemExit(f"radar_jax: {str(e).replace('--config.data.', prefix)}") from None
+    if not vq_config.num_steps and not vq_config.init_from:
+        raise SystemExit("radar_jax: the tokenizer has num_steps=0 and no init_from: pass the "
+                         "LlamaGen VQ-16 checkpoint you downloaded, e.g. "
+                         "--config.tokenizer.init_from=/path/to/vq_ds16_c2i.pt (or train one "
+                         "with --config.tokenizer.num_steps=N).")
     if _is_tokenizer_config(config) and mode not in ("all", "train_vq"):
         raise ValueError(f"--mode={mode} needs a pipeline config (e.g. configs/demo.py); "
                          "this config only defines a tokenizer (use --mode=train_vq).")

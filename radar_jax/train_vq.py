@@ -277,7 +277,9 @@ class TokenizerEvaluator:
                                          config.eval_batch_size, seed=0, train=False,
                                          num_epochs=1, drop_remainder=False)
         originals, recons, codes, labels = [], [], [], []
-        for batch in ds:
+        for i, batch in enumerate(ds):
+            if config.eval_batches and i >= config.eval_batches:
+                break
             recon, code = self._reconstruct(params, jnp.asarray(batch["image"]))
             originals.append(batch["image"])
             recons.append(np.asarray(recon))
