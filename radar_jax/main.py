@@ -37,7 +37,10 @@ def main(argv):
         lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
     # Multi-host TPU / GPU clusters: connect the processes before any JAX call. A single
     # process (a laptop, one GPU, one TPU VM) needs nothing.
-    if "JAX_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+    multi_host = ("JAX_COORDINATOR_ADDRESS" in os.environ
+                  or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+                  or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+    if multi_host:
         jax.distributed.initialize()
     logging.info("JAX %s on %s; process %d of %d.", jax.__version__, jax.devices(),
                  jax.process_index(), jax.process_count())
