@@ -225,6 +225,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         codes, labels, t.batch_size // jax.process_count(), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count()))
     layouts = LayoutSampler(schedule, t, config.model.cls_token_num, seed=config.seed)
+    # The loss of predicting every token from its marginal frequency: what the model must beat.
+    freq = np.bincount(codes.ravel(), minlength=config.model.vocab_size) / codes.size
+    marginal_entropy = float(-np.sum(freq[freq > 0] * np.log(freq[freq > 0])))
+    logging.info("Marginal-frequency baseline loss (token entropy): %.4f nats.", marginal_entropy)
     logging.info("Generator: %d token maps %s, schedule %s with %d steps, sequence length %d%s.",
                  len(codes), codes.shape[1:], schedule.kind, schedule.num_steps, layouts.length,
                  f", RDS {t.rds_mode}" if layouts.rds else "")
@@ -325,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 steps_per_s = progress.rate(step)
                 metrics["tokens_per_s"] = metrics.pop("tokens") * steps_per_s
                 metrics["mfu"] = flops_per_step * steps_per_s / peak
+                metrics["marginal_entropy"] = marginal_entropy
                 writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
                 progress.update(step, loss=metrics["loss"], new=metrics["loss_new"],
                                 known=metrics["loss_known"], mfu=metrics["mfu"])
