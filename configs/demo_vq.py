@@ -20,12 +20,12 @@ def get_config(arg=None):
         decoder_ch_mult=(1, 2, 2), z_channels=32, num_res_blocks=1)
     config = cd.tokenizer(
         model, cd.data("digits", image_size=32),
-        batch_size=32, num_steps=1500, log_every=100, eval_every=500, ckpt_every=500,
+        batch_size=32, num_steps=300, log_every=50, eval_every=1000, ckpt_every=100,
         eval_batch_size=300)
     # Digits are tiny and simple: a faster learning rate, and a short late GAN phase so the
     # demo finishes in minutes. There is no LPIPS file in the embedded default.
     config.optim.lr = 3e-4
-    config.loss.disc_start = 1000
+    config.loss.disc_start = 200
     config.loss.disc_weight = 0.1
     config.loss.disc_ndf = 32
     config.loss.disc_layers = 2

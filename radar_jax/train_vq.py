@@ -11,6 +11,7 @@ discriminator is updated in the same jitted step on the detached reconstructions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -213,24 +214,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- loop
     progress = reporting.Progress("tokenizer", config.num_steps, start, every=config.log_every)
-    metrics = {}
-    for step in range(start + 1, config.num_steps + 1):
-        batch = next(train_iter)
-        images = sharding.shard_batch(batch["image"], mesh)
-        use_gan = step > config.loss.disc_start
-        state, step_metrics = train_step(state, images, use_gan)
-        if step % config.log_every == 0 or step == config.num_steps:
-            step_metrics = jax.device_get(step_metrics)
-            writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
-            progress.update(step, loss=step_metrics["loss"], rec=step_metrics["rec_loss"])
-        else:
-            progress.update(step)
-        if step % config.ckpt_every == 0 or step == config.num_steps:
-            ckpt.save(step, state, train_iter)
-        if step % config.eval_every == 0 and step != config.num_steps:
-            run_eval(step)
+    # closing(ckpt): an interrupt or error soon after a save must not abandon the asynchronous
+    # write in flight; close() waits for it, so that checkpoint is kept.
+    with contextlib.closing(ckpt):
+        for step in range(start + 1, config.num_steps + 1):
+            batch = next(train_iter)
+            images = sharding.shard_batch(batch["image"], mesh)
+            use_gan = step > config.loss.disc_start
+            state, step_metrics = train_step(state, images, use_gan)
+            if step % config.log_every == 0 or step == config.num_steps:
+                step_metrics = jax.device_get(step_metrics)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
+                progress.update(step, loss=step_metrics["loss"], rec=step_metrics["rec_loss"])
+            else:
+                progress.update(step)
+            if step % config.ckpt_every == 0 or step == config.num_steps:
+                ckpt.save(step, state, train_iter)
+            if step % config.eval_every == 0 and step != config.num_steps:
+                run_eval(step)
     progress.close()
-    ckpt.close()
     metrics = run_eval(config.num_steps)
     # A params-only copy for the generator stages, sampling and the notebook.
     ckpt_lib.export_params(os.path.join(workdir, "params"),
