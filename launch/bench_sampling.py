@@ -1,0 +1,159 @@
+"""Sampling throughput of the KV-cached sampler, one harness for every schedule.
+
+For each (schedule, batch size) case: one warm-up call (compile + run), then `--runs` timed calls
+synchronised with block_until_ready; reports the median. Compile time is reported apart, as the
+first call's time minus the median run. The model has random weights (with a non-zero output
+head, so sampling is not degenerate) and samples with CFG (the batch is doubled internally).
+
+Example (GPT-B, CFG 2.0, batch 1 and 8, on this machine's CPU; several minutes):
+  python launch/bench_sampling.py --size B --batch_sizes 1,8 --out /tmp/bench_sampling.jsonl
+
+Each case prints one JSON line (and appends it to --out) with: schedule, batch, images_per_s,
+ms_per_image, median_s, run_s, compile_s, forward_passes, token_forwards_useful /
+token_forwards_padded (per image and CFG branch, from the static plan), the padding waste,
+peak memory (device memory_stats when the backend has them, else the process max RSS, which
+only grows across cases), device, dtype. At the end: a table and the images/s ratio of every
+schedule against raster at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radar_jax import sampling, schedules
+from radar_jax.models import transformer
+
+# name -> (kind, kwargs) of the benchmarked schedules on a 16x16 grid.
+SCHEDULES = {
+    "euclidean-13": ("euclidean", {}),
+    "crops-10": ("crops", {"preset": "crops10"}),
+    "crops-13": ("crops", {"preset": "crops13"}),
+    "raster": ("raster", {}),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="B", choices=["tiny", "B", "L", "XL"],
+                        help="transformer.model_config size (tiny uses its own 8x8 grid)")
+    parser.add_argument("--batch_sizes", default=None,
+                        help="comma-separated batch sizes; default 1,8 on CPU, 1,8,64 elsewhere")
+    parser.add_argument("--schedules", default="euclidean-13,crops-10,raster",
+                        help=f"comma-separated subset of {sorted(SCHEDULES)}")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype (the sampler then keeps its weights in it too)")
+    parser.add_argument("--cfg_scale", type=float, default=2.0)
+    parser.add_argument("--top_k", type=int, default=0, help="0 = full-vocabulary sampling")
+    parser.add_argument("--out", default=None, help="JSON-lines file to append the cases to")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs={args.runs} must be >= 1")
+    unknown = set(args.schedules.split(",")) - set(SCHEDULES)
+    if unknown:
+        parser.error(f"unknown --schedules {sorted(unknown)}; choose from {sorted(SCHEDULES)}")
+    return args
+
+
+def random_params(config, seed: int = 0):
+    """Random parameters; the output head is re-drawn with std 0.02 (LlamaGen zero-inits it)."""
+    params = transformer.init_params(config, jax.random.key(seed))
+    kernel = params["output"]["kernel"]
+    params["output"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(seed + 1),
+                                                          kernel.shape, kernel.dtype)
+    return jax.device_put(params)
+
+
+def peak_memory() -> dict:
+    """Peak device memory when the backend reports it, else this process's max RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return dict(peak_memory_mb=round(stats["peak_bytes_in_use"] / 2**20, 1),
+                    peak_memory_kind="device peak_bytes_in_use")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return dict(peak_memory_mb=round(rss_kb / 1024, 1),
+                peak_memory_kind="process max RSS (cumulative over cases)")
+
+
+def run_case(params, config, name: str, batch: int, args) -> dict:
+    kind, kw = SCHEDULES[name]
+    schedule = schedules.make_schedule(kind, config.grid, **kw)
+    plan = sampling.plan_for_config(schedule, config)
+    labels = np.arange(batch) % config.num_classes
+
+    def call(seed):
+        return sampling.sample(params, config, schedule, labels, jax.random.key(seed),
+                               cfg_scale=args.cfg_scale, top_k=args.top_k)
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(call(0))
+    first_s = time.perf_counter() - t0
+    run_s = []
+    for i in range(args.runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(i + 1))
+        run_s.append(time.perf_counter() - t0)
+    median_s = float(np.median(run_s))
+    return dict(
+        schedule=name, batch=batch, size=args.size, dtype=args.dtype, cfg_scale=args.cfg_scale,
+        images_per_s=round(batch / median_s, 4), ms_per_image=round(1e3 * median_s / batch, 1),
+        median_s=round(median_s, 3), run_s=[round(t, 3) for t in run_s],
+        compile_s=round(max(first_s - median_s, 0.0), 2), first_call_s=round(first_s, 2),
+        forward_passes=plan.num_forward_passes,
+        token_forwards_useful=plan.useful_token_forwards,
+        token_forwards_padded=plan.padded_token_forwards,
+        padding_waste=round(plan.padding_waste, 4), groups=plan.group_sizes,
+        cfg_batch_factor=2 if args.cfg_scale != 1.0 else 1,
+        device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+        **peak_memory())
+
+
+def print_table(rows) -> None:
+    header = (f"{'schedule':<14}{'batch':>6}{'img/s':>10}{'ms/img':>10}{'compile s':>11}"
+              f"{'fwd':>6}{'tok useful':>12}{'tok pad':>9}{'vs raster':>11}")
+    print(header)
+    print("-" * len(header))
+    raster = {r["batch"]: r["images_per_s"] for r in rows if r["schedule"] == "raster"}
+    for r in rows:
+        ratio = (f"{r['images_per_s'] / raster[r['batch']]:.2f}x" if r["batch"] in raster
+                 else "-")
+        print(f"{r['schedule']:<14}{r['batch']:>6}{r['images_per_s']:>10.3f}"
+              f"{r['ms_per_image']:>10.0f}{r['compile_s']:>11.1f}{r['forward_passes']:>6}"
+              f"{r['token_forwards_useful']:>12}{r['token_forwards_padded']:>9}{ratio:>11}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    on_cpu = jax.default_backend() == "cpu"
+    batches = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+               else ([1, 8] if on_cpu else [1, 8, 64]))
+    overrides = {} if args.size == "tiny" else dict(vocab_size=16384, num_classes=1000)
+    config = transformer.model_config(args.size, dtype=args.dtype, **overrides)
+    params = random_params(config)
+    print(f"# GPT-{args.size}: {transformer.count_params(config)['total'] / 1e6:.1f}M params, "
+          f"{args.dtype}, CFG {args.cfg_scale}, top_k {args.top_k}, device "
+          f"{jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+    rows = []
+    for batch in batches:
+        for name in args.schedules.split(","):
+            row = run_case(params, config, name, batch, args)
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
