@@ -11,7 +11,8 @@
   tfds_data_dir: str   TFDS data dir; '' = the TFDS default (~/tensorflow_datasets).
   train_split: str     training split name, e.g. 'train' (TFDS slicing like 'train[:10%]' ok).
   eval_split: str      evaluation split, e.g. 'validation' (digits: any name other than
-                       'train' = the fixed held-out split of digits.py).
+                       'train' or train_split = the fixed held-out split of digits.py:
+                       300 images, 30 per class; the other 1,497 are 'train').
   image_size: int      output side S of the square images.
   random_crop: bool    train only: resize the short side to a random length in
                        [S, S / 0.8] and crop S x S at a random offset (LlamaGen/ADM style);
@@ -26,8 +27,9 @@ Public API (see each module for details):
   pipeline.py:    make_image_dataset, make_token_dataset, SkipCounter, skipped_count
   token_cache.py: save_token_cache, load_token_cache
 
-Bad data: an undecodable file is skipped, logged once with its path and counted
-(`dataset.skip_counter.count`, or `skipped_count()` for the default counter). Grayscale,
+Bad data: an undecodable file is skipped, logged once with its path and counted per iterator
+(`skipped_count(iterator)`, `iterator.skip_counter.paths`; the counts are checkpointed with
+the iterator). Grayscale,
 CMYK, palette, 16-bit images become RGB; transparent images (RGBA, LA, palette with
 transparency) are composited on white. A missing/empty folder or unprepared TFDS dataset
 raises one DataUnavailableError (a ValueError) that says how to fix it.

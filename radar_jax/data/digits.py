@@ -127,15 +127,18 @@ class DigitsSource:
     """Grain random-access source over one digits split: records {'image', 'label'}.
 
     'image' is uint8 (S, S, 3) RGB: `digits_to_images` quantized to 0..255 (a rounding error of
-    at most 1/255 in [-1, 1] units), made on access so large S costs no memory up front.
+    at most 1/255 in [-1, 1] units), made on access so that a large S costs no memory up front
+    in every worker process.
     """
+
+    num_classes = 10
 
     def __init__(self, split, image_size):
         _check_size(image_size)
         self._images_N88, self._labels_N = load_digits_split(split)
         self._image_size = int(image_size)
         self.split = split
-        self.class_names = tuple(str(d) for d in range(10))
+        self.description = f"digits ({split} split): {len(self._labels_N)} images, 10 classes"
 
     def __len__(self):
         return len(self._labels_N)
@@ -144,10 +147,6 @@ class DigitsSource:
         image_SS3 = digits_to_images(self._images_N88[index][None], self._image_size)[0]
         image_SS3 = np.round((image_SS3 + 1.0) * 127.5).astype(np.uint8)
         return {"image": image_SS3, "label": int(self._labels_N[index])}
-
-    def describe(self, index):
-        """Names record `index` in log messages."""
-        return f"digits/{self.split}[{index}]"
 
     def __repr__(self):
         return f"DigitsSource(split={self.split!r}, image_size={self._image_size}, n={len(self)})"

@@ -98,28 +98,6 @@ def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
-class DigitsSource:
-    """scikit-learn digits upsampled to `image_size` (see digits.py); 10 classes."""
-
-    num_classes = 10
-
-    def __init__(self, split: str, image_size: int):
-        # Any split name other than 'train' is the fixed held-out split, so configs written
-        # for ImageNet ('validation') work unchanged.
-        which = "train" if split == "train" else "eval"
-        images_N88, self._labels = digits_lib.load_digits_split(which)
-        images = digits_lib.digits_to_images(images_N88, image_size)
-        # uint8 like every other source, so the pipeline treats them the same way.
-        self._images = np.round((images + 1.0) * 127.5).astype(np.uint8)
-        self.description = f"digits ({which} split): {len(self._labels)} images, 10 classes"
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self._images[index], "label": int(self._labels[index])}
-
-
 class ImageFolderSource:
     """Images under `root/<class>/**/<file>.{jpg,jpeg,png,webp}` (extensions any case).
 
@@ -273,7 +251,10 @@ def make_source(data_config: Any, split: str):
     """
     kind = data_config.source
     if kind == "digits":
-        return DigitsSource(split, data_config.image_size)
+        # Any split name other than the training one is the fixed held-out split, so configs
+        # written for ImageNet ('validation') work unchanged.
+        which = "train" if split in ("train", data_config.train_split) else "eval"
+        return digits_lib.DigitsSource(which, data_config.image_size)
     if kind == "imagefolder":
         return ImageFolderSource(_split_folder(data_config.path, split))
     if kind == "tfds":
