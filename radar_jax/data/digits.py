@@ -113,7 +113,8 @@ def images_to_digits(images):
       of the bilinear upsampling on each axis (see the module docstring), clipped to 0..16.
     """
     images_NSS3 = np.asarray(images, np.float64)
-    if images_NSS3.ndim != 4 or images_NSS3.shape[3] != 3 or images_NSS3.shape[1] != images_NSS3.shape[2]:
+    shape = images_NSS3.shape
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
         raise ValueError(f"images must have shape (N, S, S, 3), got {images_NSS3.shape}.")
     size = images_NSS3.shape[1]
     _check_size(size)
