@@ -12,6 +12,7 @@ A tokenizer-only config (configs/demo_vq.py, vq16.py) has just the train_vq stag
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -39,6 +40,24 @@ def tokenizer_stage(config: ml_collections.ConfigDict, workdir: str):
     if _is_tokenizer_config(config):
         return config, workdir
     return config.tokenizer, os.path.join(workdir, "tokenizer")
+
+
+def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (as --config=path does), with field overrides given as
+    dotted keys: load_config("configs/demo.py", **{"train.num_steps": 10})."""
+    spec = importlib.util.spec_from_file_location("radar_jax_config", path)
+    if spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"No config file at {path}: pass e.g. configs/demo.py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 def _read_json(path: str):

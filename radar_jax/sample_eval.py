@@ -39,7 +39,9 @@ def load_generator(config, workdir):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No generator params at {path}: run the generator stage first "
                                 "(--mode=train, or --mode=all).")
-    return config.model, ckpt_lib.load_params(path), train_lib.schedule_from_config(config)
+    # Device arrays once here: the sampler would copy host (numpy) params at every call.
+    params = jax.device_put(ckpt_lib.load_params(path))
+    return config.model, params, train_lib.schedule_from_config(config)
 
 
 def sampling_schedule(config, trained: schedules.RingSchedule, num_steps: int = 0,
@@ -190,3 +192,35 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['schedule']} | {r['steps']} | {'on' if r['correct'] else 'off'} | "
                      f"{r['accuracy']:.3f} | {r['fd']:.3f} |")
     return "\n".join(lines)
+
+
+class Generator:
+    """A trained workdir, ready to sample from Python (the Colab notebook uses this).
+
+    gen = Generator.from_workdir("configs/demo.py", "workdirs/demo")
+    images = gen.sample([3, 5, 8], num_steps=4, cfg_scale=2.0)       # (3, S, S, 3) in [-1, 1]
+    """
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.model_config, self.params, self.schedule = load_generator(config, workdir)
+        self.decode = _decoder(config, workdir)
+
+    @classmethod
+    def from_workdir(cls, config_path: str, workdir: str, **overrides):
+        return cls(pipeline.load_config(config_path, **overrides), workdir)
+
+    def sample(self, labels, *, num_steps: int = 0, schedule: str = "", seed: int = 0,
+               return_canvases: bool = False, **sampler_kw):
+        """Images (N, S, S, 3) in [-1, 1] for class `labels`; sampler_kw go to sampling.sample
+        (cfg_scale, cfg_schedule, temperature, top_k, top_p, correct, fixed_codes, ...)."""
+        schedule = sampling_schedule(self.config, self.schedule, num_steps, schedule)
+        out = sampling.sample(self.params, self.model_config, schedule,
+                              jnp.asarray(labels, jnp.int32), jax.random.key(seed),
+                              return_canvases=return_canvases, **sampler_kw)
+        if not return_canvases:
+            return self.decode(np.asarray(out))
+        codes, canvases = out
+        size = self.config.tokenizer.data.image_size
+        return self.decode(np.asarray(codes)), _growth_frames(self.decode, np.asarray(canvases),
+                                                              size)

@@ -224,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, step_metrics = train_step(state, images, use_gan)
             if step % config.log_every == 0 or step == config.num_steps:
                 step_metrics = jax.device_get(step_metrics)
+                # Corrupt or unreadable images are skipped by the data pipeline; count them.
+                step_metrics["skipped_images"] = data_lib.skipped_count(train_iter)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
                 progress.update(step, loss=step_metrics["loss"], rec=step_metrics["rec_loss"])
             else:
