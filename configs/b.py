@@ -21,7 +21,4 @@ def get_config(arg=None):
 
 
 if __name__ == "__main__":
-    from radar_jax.models import transformer
-    counts = transformer.count_params(get_config().model)
-    print(f"RadAR-B: {counts['total'] / 1e6:.1f}M parameters, "
-          f"{counts['non_embedding'] / 1e6:.1f}M non-embedding")
+    print(cd.param_summary("RadAR-B", get_config()))

@@ -196,3 +196,11 @@ def imagenet_pipeline(size: str, **train_overrides) -> ml_collections.ConfigDict
     c.sample = sampling(num_per_class=8, batch_size=32, cfg_scale=2.0)
     c.mesh = mesh()
     return c
+
+
+def param_summary(name: str, config: ml_collections.ConfigDict) -> str:
+    """'RadAR-XL: 652.8M parameters, 609.6M non-embedding' for a pipeline config's model."""
+    from radar_jax.models import transformer  # pylint: disable=g-import-not-at-top
+    counts = transformer.count_params(config.model)
+    return (f"{name}: {counts['total'] / 1e6:.1f}M parameters, "
+            f"{counts['non_embedding'] / 1e6:.1f}M non-embedding")
