@@ -42,14 +42,14 @@ def get_config(arg=None):
     config.tokens = cd.tokens(augment="none", batch_size=300)
     # A small LlamaGen-style transformer over the 8x8 grid of a 256-entry codebook.
     config.model = transformer.model_config(
-        "tiny", dim=128, n_layer=4, n_head=4, multiple_of=32, vocab_size=256, num_classes=10,
+        "tiny", dim=96, n_layer=3, n_head=4, multiple_of=32, vocab_size=256, num_classes=10,
         block_size=64, grid=(8, 8), class_dropout_prob=0.1, token_dropout_p=0.1,
         resid_dropout_p=0.1, ffn_dropout_p=0.1, attn_dropout_p=0.0)
     config.schedule = cd.schedule("euclidean")
     config.train = cd.generator_train(
-        batch_size=64, num_steps=2000, lr=1e-3, weight_decay=0.05, warmup_steps=100,
-        decay="cosine", min_lr_ratio=0.1, rni_range=(0.0, 0.2), rds=True, log_every=100,
-        ckpt_every=500)
+        batch_size=32, num_steps=600, lr=1e-3, weight_decay=0.05, warmup_steps=50,
+        decay="cosine", min_lr_ratio=0.1, rni_range=(0.0, 0.2), rds=True, log_every=50,
+        ckpt_every=200)
     config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0)
     config.mesh = cd.mesh()
     return config

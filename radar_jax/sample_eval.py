@@ -123,7 +123,7 @@ def write_samples(config, workdir: str, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     size = images.shape[1]
     grid = reporting.image_grid(reporting.to_uint8(images), ncol=s.num_per_class)
-    scale = max(1, 256 // size)
+    scale = max(1, 128 // size)
     png = reporting.save_png(os.path.join(out, "samples.png"), grid, scale=scale)
     # The GIF follows one image per class (the first of each row) as its rings grow.
     first = np.arange(0, min(len(labels), s.batch_size), s.num_per_class)
