@@ -18,6 +18,7 @@ on the same code path. Tricks, all config switches:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -315,7 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  peak / 1e9, jax.device_count(), flops_per_step / 1e9)
     progress = reporting.Progress("generator", t.num_steps, start, every=t.log_every)
     last = {}
-    with mesh, nn.logical_axis_rules(rules):
+    # closing(ckpt): an interrupt (Ctrl-C) or error soon after a save must not abandon the
+    # asynchronous write in flight; close() waits for it, so that checkpoint is kept.
+    with mesh, nn.logical_axis_rules(rules), contextlib.closing(ckpt):
         for step in range(start + 1, t.num_steps + 1):
             batch = next(train_iter)
             meta = layouts(step, t.batch_size // jax.process_count())
@@ -339,7 +342,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if step % t.ckpt_every == 0 or step == t.num_steps:
                 ckpt.save(step, state, train_iter)
     progress.close()
-    ckpt.close()
     ckpt_lib.export_params(os.path.join(workdir, "params"),
                            state.ema_params if t.ema_decay else state.params)
     writer.close()

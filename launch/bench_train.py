@@ -1,0 +1,257 @@
+"""Generator training throughput and MFU for the packed RadAR layouts and the raster baseline.
+
+The train step is radar_jax.train's: `sequence_loss` (nested mask from the layout metadata,
+teacher forcing, known/new split) under `value_and_grad`, `make_optimizer`'s AdamW, and the
+same shardings as `train_and_evaluate` (params born sharded by the logical-axis rules, the batch
+split over ('data', 'fsdp'), the state donated). No checkpointing, logging or data pipeline:
+one random batch of codes is fed every step, so the numbers are the step itself.
+
+For each layout: compile time (lower + compile, reported apart), `--warmup` untimed steps, then
+`--steps` timed steps each synchronised with block_until_ready; the median is reported.
+
+Example (GPT-B, float32, batch 2, on this machine's CPU; about ten minutes):
+  python launch/bench_train.py --size B --batch_size 2 --out /tmp/bench_train.jsonl
+
+Each case prints one JSON line (and appends it to --out) with: layout, seq_len, batch,
+tokens_per_step (batch * seq_len packed positions), step_s (median) and every timed step,
+tokens_per_s, images_per_s, model TFLOP per step (perf.train_flops_per_sequence: 3x the
+forward, attention over the full padded length as computed), achieved TFLOP/s, MFU against
+perf.measure_matmul_peak in the same dtype on every device, compile_s, peak memory (device
+memory_stats when the backend has them, else the process max RSS, which only grows across
+cases) and the compiled program's own memory estimate, device, backend, dtype, remat.
+At the end: a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from radar_jax import config_defaults as cd
+from radar_jax import perf
+from radar_jax import sharding
+from radar_jax import train
+from radar_jax.models import transformer
+
+# name -> config.schedule fields of the benchmarked layouts on a 16x16 grid.
+LAYOUTS = {
+    "euclidean-13": dict(kind="euclidean"),
+    "crops-10": dict(kind="crops", preset="crops10"),
+    "crops-13": dict(kind="crops", preset="crops13"),
+    "raster": dict(kind="raster"),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="B", choices=["tiny", "B", "L", "XL"],
+                        help="transformer.model_config size; always on a 16x16 token grid")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="global batch; default 8 on CPU, 32 elsewhere")
+    parser.add_argument("--layouts", default="euclidean-13,crops-10,raster",
+                        help=f"comma-separated subset of {sorted(LAYOUTS)}")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype (params and optimizer state stay float32)")
+    parser.add_argument("--remat", action="store_true",
+                        help="rematerialise every layer in the backward pass (less memory)")
+    parser.add_argument("--mesh", default="-1,1,1",
+                        help="data,fsdp,tensor mesh sizes (-1 on one axis = the rest)")
+    parser.add_argument("--out", default=None, help="JSON-lines file to append the cases to")
+    args = parser.parse_args(argv)
+    if args.steps < 5:
+        parser.error(f"--steps={args.steps}: time at least 5 steps so the median means something")
+    if args.warmup < 0:
+        parser.error(f"--warmup={args.warmup} must be >= 0")
+    unknown = set(args.layouts.split(",")) - set(LAYOUTS)
+    if unknown:
+        parser.error(f"unknown --layouts {sorted(unknown)}; choose from {sorted(LAYOUTS)}")
+    try:
+        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    except ValueError:
+        parser.error(f"--mesh={args.mesh!r}: give three comma-separated ints, e.g. -1,1,1")
+    args.mesh = cd.mesh(data, fsdp, tensor)
+    if args.batch_size is None:
+        args.batch_size = 8 if jax.default_backend() == "cpu" else 32
+    if args.batch_size < 1:
+        parser.error(f"--batch_size={args.batch_size} must be >= 1")
+    return args
+
+
+def pipeline_config(args, layout: str) -> ml_collections.ConfigDict:
+    """The config `train_and_evaluate` would get: model, schedule, train, mesh, seed."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Every size on the 16x16 grid of a 256px image; 'tiny' keeps its small vocabulary.
+    overrides = dict(block_size=256, grid=(16, 16)) if args.size == "tiny" else {}
+    config.model = transformer.model_config(args.size, dtype=args.dtype, remat=args.remat,
+                                            **overrides)
+    config.schedule = cd.schedule(**LAYOUTS[layout])
+    config.train = cd.generator_train(batch_size=args.batch_size)
+    config.mesh = args.mesh
+    return config
+
+
+def build_step(config, mesh, layouts):
+    """(jitted step, initial state, batch + metadata shardings): train.py's update step."""
+    t = config.train
+    rules = sharding.rules_from_config(config)
+    model = transformer.Transformer(config.model)
+    tx = train.make_optimizer(t)
+
+    def init_state(rng):
+        params = transformer.init_params(config.model, rng, unbox=False)
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), ema_params={})
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init_state, rng)
+    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+    with mesh, nn.logical_axis_rules(rules):
+        state = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
+                        out_shardings=state_shardings)(rng)
+
+    loss_fn = functools.partial(train.sequence_loss, model, train=True,
+                                rni_range=tuple(t.rni_range), known_weight=t.known_weight,
+                                raster=layouts.schedule.kind == "raster")
+
+    def train_step(state, codes_BN, labels_B, meta):
+        step_rng = jax.random.fold_in(rng, state.step)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, codes_BN, labels_B, meta, step_rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    meta_sh = {k: sharding.replicated(mesh) for k in train.META_KEYS}
+    in_shardings = (state_shardings, sharding.batch_sharding(mesh, 2),
+                    sharding.batch_sharding(mesh, 1), meta_sh)
+    step = jax.jit(train_step, donate_argnums=0, in_shardings=in_shardings,
+                   out_shardings=(state_shardings, None))
+    return step, state, rules
+
+
+def peak_memory() -> dict:
+    """Peak device memory when the backend reports it, else this process's max RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return dict(peak_memory_mb=round(stats["peak_bytes_in_use"] / 2**20, 1),
+                    peak_memory_kind="device peak_bytes_in_use (cumulative over cases)")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return dict(peak_memory_mb=round(rss_kb / 1024, 1),
+                peak_memory_kind="process max RSS (cumulative over cases)")
+
+
+def compiled_memory_mb(compiled) -> float | None:
+    """XLA's own estimate for one step: arguments + outputs + temporaries - aliased (donated)."""
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return round(total / 2**20, 1)
+
+
+def run_case(args, layout: str, peak_flops: float) -> dict:
+    config = pipeline_config(args, layout)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(args.batch_size, mesh)
+    schedule = train.schedule_from_config(config)
+    layouts = train.LayoutSampler(schedule, config.train, config.model.cls_token_num)
+    seq_len = layouts.length
+    step, state, rules = build_step(config, mesh, layouts)
+
+    rng = np.random.default_rng(0)
+    n_tokens = config.model.grid[0] * config.model.grid[1]
+    codes_BN, labels_B = sharding.shard_batch(
+        (rng.integers(0, config.model.vocab_size, (args.batch_size, n_tokens), np.int32),
+         rng.integers(0, config.model.num_classes, (args.batch_size,), np.int32)), mesh)
+    meta = jax.device_put(layouts(0, args.batch_size), sharding.replicated(mesh))
+
+    with mesh, nn.logical_axis_rules(rules):
+        t0 = time.perf_counter()
+        compiled = step.lower(state, codes_BN, labels_B, meta).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, codes_BN, labels_B, meta)
+            jax.block_until_ready((state, metrics))
+        step_s = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, codes_BN, labels_B, meta)
+            jax.block_until_ready((state, metrics))
+            step_s.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    median_s = float(np.median(step_s))
+    tokens_per_step = args.batch_size * seq_len
+    flops_per_step = args.batch_size * perf.train_flops_per_sequence(config.model, seq_len)
+    achieved = flops_per_step / median_s
+    return dict(
+        layout=layout, size=args.size, dtype=args.dtype, remat=args.remat,
+        steps_per_image=schedule.num_steps, seq_len=seq_len, batch=args.batch_size,
+        tokens_per_step=tokens_per_step, step_s=round(median_s, 4),
+        timed_step_s=[round(s, 4) for s in step_s],
+        tokens_per_s=round(tokens_per_step / median_s, 1),
+        images_per_s=round(args.batch_size / median_s, 3),
+        tflop_per_step=round(flops_per_step / 1e12, 4),
+        achieved_tflop_s=round(achieved / 1e12, 4),
+        peak_tflop_s=round(peak_flops / 1e12, 4), mfu=round(achieved / peak_flops, 4),
+        compile_s=round(compile_s, 2), loss=round(loss, 4),
+        compiled_memory_mb=compiled_memory_mb(compiled), **peak_memory(),
+        mesh=dict(mesh.shape), device=str(jax.devices()[0].device_kind),
+        num_devices=jax.device_count(), backend=jax.default_backend())
+
+
+def print_table(rows) -> None:
+    header = (f"{'layout':<14}{'L':>6}{'batch':>6}{'tok/step':>10}{'step s':>9}{'tok/s':>10}"
+              f"{'img/s':>8}{'TFLOP/s':>9}{'MFU':>7}{'compile s':>11}{'mem MB':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        mem = r["compiled_memory_mb"] if r["compiled_memory_mb"] is not None else r[
+            "peak_memory_mb"]
+        print(f"{r['layout']:<14}{r['seq_len']:>6}{r['batch']:>6}{r['tokens_per_step']:>10}"
+              f"{r['step_s']:>9.3f}{r['tokens_per_s']:>10.1f}{r['images_per_s']:>8.3f}"
+              f"{r['achieved_tflop_s']:>9.4f}{r['mfu']:>7.1%}{r['compile_s']:>11.1f}"
+              f"{mem:>9.0f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    # MFU's denominator: the measured matmul rate of one device, times the device count.
+    peak_flops = perf.measure_matmul_peak(dtype) * jax.device_count()
+    counts = transformer.count_params(pipeline_config(args, "raster").model)
+    print(f"# GPT-{args.size}: {counts['total'] / 1e6:.1f}M params "
+          f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {args.dtype}, "
+          f"remat={args.remat}, batch {args.batch_size}, device "
+          f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+          f"measured matmul peak {peak_flops / 1e12:.3f} TFLOP/s", flush=True)
+    rows = []
+    for layout in args.layouts.split(","):
+        row = run_case(args, layout, peak_flops)
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
