@@ -100,8 +100,9 @@ def export_params(path: str, params: Any) -> None:
 def load_params(path: str, template: Any = None) -> Any:
     """Reads a params-only checkpoint written by `export_params`.
 
-    With a template (a pytree of arrays or ShapeDtypeStructs), shapes are checked and shardings
-    applied; without one, arrays come back as numpy-backed host arrays.
+    With a template (a pytree of arrays or ShapeDtypeStructs), shapes are checked and the
+    template's shardings applied. Without one, every array is restored onto this process's first
+    device, whatever mesh wrote it: params trained on a pod can be sampled on a laptop.
     """
     path = os.path.abspath(path)
     if not os.path.exists(path):
@@ -109,5 +110,10 @@ def load_params(path: str, template: Any = None) -> Any:
                                 "directory that export_params wrote.")
     with ocp.StandardCheckpointer() as ckptr:
         if template is None:
-            return ckptr.restore(path)
+            metadata = ckptr.metadata(path)
+            metadata = getattr(metadata, "item_metadata", metadata)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            template = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+            return ckptr.restore(path, template)
         return ckptr.restore(path, jax.tree.map(_abstract, template))
