@@ -119,7 +119,7 @@ def build_step(config, mesh, layouts):
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
     state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
                         out_shardings=state_shardings)(rng)
 
@@ -181,7 +181,7 @@ def run_case(args, layout: str, peak_flops: float) -> dict:
          rng.integers(0, config.model.num_classes, (args.batch_size,), np.int32)), mesh)
     meta = jax.device_put(layouts(0, args.batch_size), sharding.replicated(mesh))
 
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules):
         t0 = time.perf_counter()
         compiled = step.lower(state, codes_BN, labels_B, meta).compile()
         compile_s = time.perf_counter() - t0

@@ -131,3 +131,13 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
     if batch_size % n:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {n} data-parallel "
                          f"devices of mesh {dict(mesh.shape)}; choose a multiple of {n}.")
+
+
+def mesh_context(mesh: Mesh):
+    """The context that makes `mesh` current for logical constraints inside jit.
+
+    `jax.set_mesh` where this JAX has it (the `with mesh:` form is deprecated there), else the
+    Mesh itself.
+    """
+    set_mesh = getattr(jax, "set_mesh", None)
+    return set_mesh(mesh) if set_mesh is not None else mesh

@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     abstract = jax.eval_shape(init_state, rng)
     rules = sharding.rules_from_config(config)
     state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
                         out_shardings=state_shardings)(rng)
     counts = transformer.count_params(config.model)
@@ -318,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = {}
     # closing(ckpt): an interrupt (Ctrl-C) or error soon after a save must not abandon the
     # asynchronous write in flight; close() waits for it, so that checkpoint is kept.
-    with mesh, nn.logical_axis_rules(rules), contextlib.closing(ckpt):
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules), contextlib.closing(ckpt):
         for step in range(start + 1, t.num_steps + 1):
             batch = next(train_iter)
             meta = layouts(step, t.batch_size // jax.process_count())

@@ -3,6 +3,8 @@
 import os
 import pathlib
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
 # Keep tests on the CPU and deterministic, whatever the machine has.
@@ -27,3 +29,21 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES_DIR.is_dir():
         pytest.skip(f"{FIXTURES_DIR} not found: the parity tests need ../shared/fixtures")
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+    """Many tests rerun the very same program (a resumed run recompiles the step it ran before
+    the kill; several tests train the same tiny model). A persistent compilation cache, private
+    to this session, turns those repeats into cache hits; the executables are the same."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()  # the cache is set up once per process; redo it
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_compilation_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

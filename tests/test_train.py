@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_defaults as cd
@@ -30,23 +29,6 @@ from radar_jax.models import transformer
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """Several tests rerun the very same training program (a resumed run recompiles the step
-    it ran before the kill). A persistent compilation cache, private to this module and reset
-    afterwards, turns those repeats into cache hits; the executables are the same."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()  # the cache is set up once per process; redo it
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_compilation_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
 
 def tiny_config(num_steps, *, grid=(4, 4), vocab_size=32, num_classes=4, kind="euclidean",
                 mesh=None, model_overrides=None, **train_overrides):
