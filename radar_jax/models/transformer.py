@@ -257,10 +257,17 @@ class Attention(nn.Module):
         # Large finite negative, not -inf: a fully masked row (padding) stays finite.
         scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS,
                                  jnp.finfo(jnp.float32).min)
-        probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(q_BLHD.dtype)
+        # Softmax with the normalisation moved after the AV product: dividing the (L, D)
+        # output instead of the (L, S) probabilities saves a pass over the scores, which
+        # dominates on CPU when S is a long cache (same values up to float rounding).
+        exp_BKGLS = jnp.exp(scores_BKGLS - jnp.max(scores_BKGLS, axis=-1, keepdims=True))
+        denom_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
+        exp_BKGLS = exp_BKGLS.astype(q_BLHD.dtype)
         if cfg.attn_dropout_p > 0:
-            probs_BKGLS = nn.Dropout(cfg.attn_dropout_p)(probs_BKGLS, deterministic=not train)
-        out_BLKGD = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKD)
+            exp_BKGLS = nn.Dropout(cfg.attn_dropout_p)(exp_BKGLS, deterministic=not train)
+        out_BKGLD = jnp.einsum("bkgls,bskd->bkgld", exp_BKGLS, v_BSKD,
+                               preferred_element_type=jnp.float32) / denom_BKGL1
+        out_BLKGD = jnp.moveaxis(out_BKGLD, 3, 1).astype(q_BLHD.dtype)
         out_BLD = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out_BLKGD.reshape(b, l, -1))
         if cfg.resid_dropout_p > 0:
             out_BLD = nn.Dropout(cfg.resid_dropout_p)(out_BLD, deterministic=not train)
