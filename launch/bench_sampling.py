@@ -21,16 +21,14 @@ schedule against raster at the same batch size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import time
 
 import jax
 import numpy as np
 
-from radar_jax import sampling, schedules
+from radar_jax import perf, sampling, schedules
 from radar_jax.models import transformer
 
 # name -> (kind, kwargs) of the benchmarked schedules on a 16x16 grid.
@@ -87,17 +85,6 @@ def random_params(config, seed: int = 0):
     return jax.device_put(params)
 
 
-def peak_memory() -> dict:
-    """Peak device memory when the backend reports it, else this process's max RSS."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return dict(peak_memory_mb=round(stats["peak_bytes_in_use"] / 2**20, 1),
-                    peak_memory_kind="device peak_bytes_in_use")
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return dict(peak_memory_mb=round(rss_kb / 1024, 1),
-                peak_memory_kind="process max RSS (cumulative over cases)")
-
-
 def run_case(params, config, name: str, batch: int, args) -> dict:
     kind, kw = SCHEDULES[name]
     schedule = schedules.make_schedule(kind, config.grid, **kw)
@@ -136,7 +123,7 @@ def run_case(params, config, name: str, batch: int, args) -> dict:
         # Other processes on a shared machine slow every case; the 1-minute load average
         # before and after the case says how much to trust it.
         load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-        **peak_memory())
+        **perf.peak_memory())
 
 
 def print_table(rows) -> None:
@@ -171,11 +158,7 @@ def main(argv=None) -> int:
         for name in args.schedules.split(","):
             row = run_case(params, config, name, batch, args)
             rows.append(row)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            perf.emit_row(row, args.out)
     print_table(rows)
     return 0
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import resource
 import sys
 import time
 
@@ -143,17 +141,6 @@ def build_step(config, mesh, layouts):
     return step, state, rules
 
 
-def peak_memory() -> dict:
-    """Peak device memory when the backend reports it, else this process's max RSS."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return dict(peak_memory_mb=round(stats["peak_bytes_in_use"] / 2**20, 1),
-                    peak_memory_kind="device peak_bytes_in_use (cumulative over cases)")
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return dict(peak_memory_mb=round(rss_kb / 1024, 1),
-                peak_memory_kind="process max RSS (cumulative over cases)")
-
-
 def compiled_memory_mb(compiled) -> float | None:
     """XLA's own estimate for one step: arguments + outputs + temporaries - aliased (donated)."""
     try:
@@ -210,7 +197,7 @@ def run_case(args, layout: str, peak_flops: float) -> dict:
         achieved_tflop_s=round(achieved / 1e12, 4),
         peak_tflop_s=round(peak_flops / 1e12, 4), mfu=round(achieved / peak_flops, 4),
         compile_s=round(compile_s, 2), loss=round(loss, 4),
-        compiled_memory_mb=compiled_memory_mb(compiled), **peak_memory(),
+        compiled_memory_mb=compiled_memory_mb(compiled), **perf.peak_memory(),
         mesh=dict(mesh.shape), device=str(jax.devices()[0].device_kind),
         num_devices=jax.device_count(), backend=jax.default_backend())
 
@@ -244,11 +231,7 @@ def main(argv=None) -> int:
     for layout in args.layouts.split(","):
         row = run_case(args, layout, peak_flops)
         rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        perf.emit_row(row, args.out)
     print_table(rows)
     return 0
 

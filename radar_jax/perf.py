@@ -8,6 +8,8 @@ across machines.
 
 from __future__ import annotations
 
+import json
+import resource
 import time
 
 import jax
@@ -59,3 +61,24 @@ def forward_flops_per_sequence(config, seq_len: int, attended_len: float | None 
 def train_flops_per_sequence(config, seq_len: int) -> float:
     """Forward + backward (3x the forward, the usual estimate) for one training sequence."""
     return 3.0 * forward_flops_per_sequence(config, seq_len)
+
+
+def peak_memory() -> dict:
+    """Peak device memory when the backend reports it, else this process's max RSS (both only
+    grow over a process's life, so in a benchmark they cover every case run so far)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return dict(peak_memory_mb=round(stats["peak_bytes_in_use"] / 2**20, 1),
+                    peak_memory_kind="device peak_bytes_in_use (cumulative over cases)")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return dict(peak_memory_mb=round(rss_kb / 1024, 1),
+                peak_memory_kind="process max RSS (cumulative over cases)")
+
+
+def emit_row(row: dict, out: str | None = None) -> None:
+    """Prints a benchmark case as one JSON line and appends it to `out` when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
