@@ -41,17 +41,19 @@ if __name__ == "__main__":
           f"(init {time.perf_counter() - t0:.1f}s)")
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
     decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method="decode_codes"))
-    for name, fn, arg in (("encode", encode, images), ("decode", decode, None)):
-        arg = codes if arg is None else arg
+
+    def timed(name, fn, arg):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(params, arg))
+        jax.block_until_ready(fn(params, arg))
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(params, arg))
         print(f"{name}: {tuple(arg.shape)} -> {tuple(out.shape)} {out.dtype}; first call "
               f"{first:.1f}s (with compile), then {time.perf_counter() - t0:.2f}s on "
               f"{jax.devices()[0].platform}")
-        if name == "encode":
-            codes = out
-    assert codes.shape == (2, 16, 16) and out.shape == (2, 256, 256, 3)
-    assert bool(jnp.all(jnp.isfinite(out)))
+        return out
+
+    codes = timed("encode", encode, images)
+    decoded = timed("decode", decode, codes)
+    assert codes.shape == (2, 16, 16) and decoded.shape == (2, 256, 256, 3)
+    assert bool(jnp.all(jnp.isfinite(decoded)))

@@ -1,4 +1,6 @@
-"""RadAR-XL on ImageNet 256x256: 30 layers at LlamaGen-XL's width 1280 (RADAR.md "Model sizes"), euclidean rings.
+"""RadAR-XL on ImageNet 256x256: 30 layers at LlamaGen-XL's width 1280, euclidean rings.
+
+RADAR.md "Model sizes": the depth is chosen to hit the paper's 610M non-embedding parameters.
 
   python -m radar_jax.main --config=configs/xl.py --workdir=gs://BUCKET/radar_xl \
       --config.tokenizer.init_from=/path/to/vq_ds16_c2i.pt \

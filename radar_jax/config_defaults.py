@@ -73,12 +73,12 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.num_steps = 400_000          # total training steps
     c.loss = ml_collections.ConfigDict()
     c.loss.reconstruction_weight = 1.0   # L2 pixel loss
-    c.loss.perceptual_weight = 1.0       # LPIPS-VGG16; forced to 0 (with a notice) without lpips_path
+    c.loss.perceptual_weight = 1.0       # LPIPS-VGG16; 0 (with a notice) without lpips_path
     c.loss.lpips_path = ""               # .npz written by launch/convert_lpips.py
     c.loss.codebook_weight = 1.0         # scales vq + commitment + entropy losses
     c.loss.disc_weight = 0.5             # generator's adversarial loss weight
     c.loss.disc_start = 20_000           # step at which the GAN losses switch on
-    c.loss.disc_loss = "hinge"           # discriminator loss: 'hinge' | 'vanilla' | 'non-saturating'
+    c.loss.disc_loss = "hinge"           # D loss: 'hinge' | 'vanilla' | 'non-saturating'
     c.loss.gen_loss = "hinge"            # generator adversarial loss: 'hinge' | 'non-saturating'
     c.loss.disc_ndf = 64                 # PatchGAN base channels
     c.loss.disc_layers = 3               # PatchGAN depth
@@ -89,7 +89,7 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.optim.weight_decay = 0.0           # decoupled weight decay (0 = plain Adam)
     c.optim.grad_clip = 1.0              # global-norm clipping (0 = off)
     c.optim.warmup_steps = 0             # linear warmup from 0
-    c.ema_decay = 0.0                    # EMA of the tokenizer params (0 = off); eval uses EMA if on
+    c.ema_decay = 0.0                    # EMA of the params (0 = off); eval uses EMA when on
     c.log_every = 50                     # steps between metric lines
     c.eval_every = 1000                  # steps between held-out evaluations (and at the end)
     c.ckpt_every = 1000                  # steps between checkpoints (and at the end)

@@ -25,7 +25,6 @@ import numpy as np
 
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import data as data_lib
-from radar_jax import reporting
 
 MODES = ("all", "train_vq", "cache_tokens", "train", "sample", "eval")
 

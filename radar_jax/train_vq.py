@@ -100,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------- model
     model = vq_lib.VQModel(config.model)
-    disc = disc_lib.PatchGANDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_layers)
+    disc = disc_lib.PatchGANDiscriminator(ndf=config.loss.disc_ndf,
+                                          n_layers=config.loss.disc_layers)
     lpips_model, lpips_params, perceptual_weight = _perceptual_setup(config.loss)
     tx = make_optimizer(config.optim)
     disc_tx = make_optimizer(config.optim)

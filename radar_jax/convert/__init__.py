@@ -8,3 +8,5 @@
 from radar_jax.convert.gpt import load_llamagen_gpt
 from radar_jax.convert.state_dict import load_npz_config, load_state_dict
 from radar_jax.convert.vq import load_llamagen_vq
+
+__all__ = ["load_llamagen_gpt", "load_llamagen_vq", "load_npz_config", "load_state_dict"]
