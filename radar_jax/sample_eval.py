@@ -157,7 +157,7 @@ def evaluate(config, workdir: str, out: str) -> list[dict] | None:
     _, params, trained = load_generator(config, workdir)
     decode = _decoder(config, workdir)
     classifier = evaluation.DigitClassifier()
-    reference, _ = data_lib.load_digits_split("eval")
+    reference, reference_labels = data_lib.load_digits_split("eval")
     labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32),
                        config.sample.eval_per_class)
     rows = []
@@ -173,7 +173,7 @@ def evaluate(config, workdir: str, out: str) -> list[dict] | None:
                          samples=len(labels), sample_seconds=round(seconds, 2)))
         logging.info("Quality %s", rows[-1])
     os.makedirs(out, exist_ok=True)
-    real = evaluation.digits_quality(reference, data_lib.load_digits_split("eval")[1],
+    real = evaluation.digits_quality(reference, reference_labels,
                                      reference, classifier)
     result = dict(rows=rows, real_heldout_accuracy=float(real["accuracy"]),
                   cfg_scale=config.sample.cfg_scale, temperature=config.sample.temperature)

@@ -24,6 +24,24 @@ def shared_fixture(name: str) -> pathlib.Path:
     return path
 
 
+def kill_at_batch(monkeypatch, n, is_batch=lambda batch: True):
+    """Simulates a kill: `sharding.shard_batch` raises KeyboardInterrupt on its n-th call whose
+    argument passes `is_batch` (the training loops call it once per step to place the batch).
+    Returns a function that puts the real shard_batch back."""
+    from radar_jax import sharding  # pylint: disable=g-import-not-at-top
+    real = sharding.shard_batch
+    seen = {"n": 0}
+
+    def killing_shard_batch(batch, mesh):
+        if is_batch(batch):
+            seen["n"] += 1
+            if seen["n"] == n:
+                raise KeyboardInterrupt("simulated kill")
+        return real(batch, mesh)
+    monkeypatch.setattr(sharding, "shard_batch", killing_shard_batch)
+    return lambda: monkeypatch.setattr(sharding, "shard_batch", real)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     if not FIXTURES_DIR.is_dir():

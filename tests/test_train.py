@@ -17,11 +17,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import kill_at_batch
+
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_defaults as cd
 from radar_jax import data as data_lib
 from radar_jax import schedules
-from radar_jax import sharding
 from radar_jax import train
 from radar_jax.models import transformer
 
@@ -203,19 +204,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path, monkeypatch):
     # with step 4 already applied in memory only. shard_batch also places per-example layout
     # metadata, so count only the calls that carry the (codes, labels) batch.
     crashed = str(tmp_path / "crashed")
-    real_shard_batch = sharding.shard_batch
-    batches = {"n": 0}
-
-    def crashing_shard_batch(batch, mesh):
-        if isinstance(batch, tuple):
-            batches["n"] += 1
-            if batches["n"] == 5:
-                raise KeyboardInterrupt("simulated kill")
-        return real_shard_batch(batch, mesh)
-    monkeypatch.setattr(sharding, "shard_batch", crashing_shard_batch)
+    restore = kill_at_batch(monkeypatch, 5, is_batch=lambda batch: isinstance(batch, tuple))
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config(), crashed, cache)
-    monkeypatch.setattr(sharding, "shard_batch", real_shard_batch)
+    restore()
     assert ckpt_lib.Checkpointer(os.path.join(crashed, "checkpoints")).latest_step() == 3
     train.train_and_evaluate(config(), crashed, cache)
 

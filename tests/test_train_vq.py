@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import kill_at_batch
+
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_defaults as cd
-from radar_jax import sharding
 from radar_jax import train_vq
 
 
@@ -51,18 +52,10 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     # Crash while fetching the batch of step 4 (after the step-2 checkpoint, and after
     # step 3 has updated the state in memory), then run again in the same workdir.
     crashed = str(tmp_path / "crashed")
-    real_shard_batch = sharding.shard_batch
-    calls = {"n": 0}
-
-    def crashing_shard_batch(batch, mesh):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real_shard_batch(batch, mesh)
-    monkeypatch.setattr(sharding, "shard_batch", crashing_shard_batch)
+    restore = kill_at_batch(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         train_vq.train_and_evaluate(tiny_config(4), crashed)
-    monkeypatch.setattr(sharding, "shard_batch", real_shard_batch)
+    restore()
     assert ckpt_lib.Checkpointer(os.path.join(crashed, "checkpoints")).latest_step() == 2
     train_vq.train_and_evaluate(tiny_config(4), crashed)
 
