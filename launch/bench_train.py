@@ -123,7 +123,7 @@ def build_step(config, mesh, layouts):
 
     loss_fn = functools.partial(train.sequence_loss, model, train=True,
                                 rni_range=tuple(t.rni_range), known_weight=t.known_weight,
-                                raster=layouts.schedule.kind == "raster")
+                                raster=layouts.schedule.is_next_token)
 
     def train_step(state, codes_BN, labels_B, meta):
         step_rng = jax.random.fold_in(rng, state.step)

@@ -52,7 +52,7 @@ def sampling_schedule(config, trained: schedules.RingSchedule, num_steps: int = 
         override = config.copy_and_resolve_references()
         override.schedule.kind = kind
         schedule = train_lib.schedule_from_config(override)
-    if num_steps and schedule.kind != "raster" and num_steps != schedule.num_steps:
+    if num_steps and not schedule.is_next_token and num_steps != schedule.num_steps:
         schedule = schedules.sub_ladder(schedule, num_steps)
     return schedule
 
@@ -138,7 +138,7 @@ def write_samples(config, workdir: str, out: str) -> dict:
 def evaluation_cases(config, trained):
     """(name, schedule, correct) rows: the trained ladder, RDS sub-ladders, no correction."""
     cases = [(trained.kind, trained, True)]
-    if trained.kind == "raster":
+    if trained.is_next_token:
         return cases
     cases.append((trained.kind, trained, False))
     if config.train.rds:

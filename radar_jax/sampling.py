@@ -334,5 +334,5 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
         jnp.float32(top_p), fixed_codes_BN, fixed_mask_BN, config=config, schedule=schedule,
         use_cfg=cfg_scale != 1.0, cfg_schedule=cfg_schedule,
         top_k=0 if int(top_k) == config.vocab_size else int(top_k), use_top_p=top_p < 1.0,
-        correct=bool(correct) or schedule.kind == "raster", return_canvases=bool(return_canvases))
+        correct=bool(correct) or schedule.is_next_token, return_canvases=bool(return_canvases))
     return (codes, canvases) if return_canvases else codes

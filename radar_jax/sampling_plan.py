@@ -214,7 +214,7 @@ def group_steps(block_lens, offsets, *, slot_cost: float = DEFAULT_SLOT_COST,
 # ----------------------------------------------------------------------------------------------
 def _sampler_steps(schedule, layout) -> np.ndarray:
     """(L,) sampler step of every layout index (see the module docstring)."""
-    if schedule.kind == "raster":
+    if schedule.is_next_token:
         return layout["step"] + 1  # class (-1) -> 0, token f (step f) -> f + 1
     return np.maximum(layout["step"], 0)  # class tokens join block 0
 

@@ -78,6 +78,12 @@ class RingSchedule:
         return (int(self.ring_map.shape[0]), int(self.ring_map.shape[1]))
 
     @property
+    def is_next_token(self) -> bool:
+        """True for plain next-token AR (the 'raster' baseline): one token per step, no known
+        area re-fed, no sub-ladders. Consumers ask this instead of comparing kind strings."""
+        return self.kind == "raster"
+
+    @property
     def num_steps(self) -> int:
         """K, the number of generation steps."""
         return int(self.ring_map.max()) + 1
@@ -346,7 +352,7 @@ def merge_rings(schedule: RingSchedule, keep: Sequence[int]) -> RingSchedule:
       C_k for k in keep; `base_steps` records those k in the original (unmerged) schedule,
       composed through repeated merges.
     """
-    if schedule.kind == "raster":
+    if schedule.is_next_token:
         raise ValueError("merge_rings does not apply to 'raster' (plain next-token AR has no "
                          "rings to merge); use a ring kind such as 'euclidean' or 'crops'")
     keep_arr = np.asarray(keep, dtype=np.int64).ravel()
@@ -428,7 +434,7 @@ def layout_metadata(schedule: RingSchedule, num_class_tokens: int = 1) -> dict[s
         raise ValueError(f"num_class_tokens must be >= 1, got {num_class_tokens}")
     n_cls = int(num_class_tokens)
     cls_neg = np.full((n_cls,), -1, np.int64)
-    if schedule.kind == "raster":
+    if schedule.is_next_token:
         num_tokens = schedule.grid[0] * schedule.grid[1]
         flat_pos = np.concatenate([cls_neg, np.arange(num_tokens - 1)])
         target_pos = np.concatenate([cls_neg[1:], np.arange(num_tokens)])
@@ -458,7 +464,7 @@ def block_bounds(schedule: RingSchedule, num_class_tokens: int = 1) -> np.ndarra
 
     b[0] = num_class_tokens. Ring kinds only ('raster' has no blocks).
     """
-    if schedule.kind == "raster":
+    if schedule.is_next_token:
         raise ValueError("'raster' layouts have no blocks; block_bounds needs a ring schedule")
     return np.concatenate([[num_class_tokens], num_class_tokens + np.cumsum(schedule.canvas_sizes)])
 

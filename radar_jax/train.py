@@ -108,7 +108,7 @@ class LayoutSampler:
         self.num_class_tokens = num_class_tokens
         self.full = self._padded(schedule, None)
         self.length = len(self.full["step"])
-        self.rds = bool(train_config.rds) and schedule.kind != "raster" \
+        self.rds = bool(train_config.rds) and not schedule.is_next_token \
             and schedule.num_steps > 2
         self._cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          f"grad_accum={t.grad_accum}.")
     rng = jax.random.key(config.seed)
     schedule = schedule_from_config(config)
-    raster = schedule.kind == "raster"
+    raster = schedule.is_next_token
 
     # ---------------------------------------------------------------- data
     codes, labels, meta_info = data_lib.load_token_cache(tokens_path)
