@@ -1,21 +1,13 @@
-"""Ring schedules, packed teacher-forcing layouts and the nested attention mask.
+"""Ring schedules and their step ladders; the layouts built from them are re-exported here.
 
 A schedule assigns every token of an HxW grid to a generation step: `ring_map[h, w]` in
 `0..K-1`. The canvas of step k is `C_k = {p : ring_map[p] <= k}`, its new ring is
 `N_k = C_k \\ C_{k-1}` and its known area is `C_{k-1}` (see RADAR.md, "Ring schedules").
 
-Everything here is numpy and runs at trace time, except `nested_mask`, which also accepts
-`xp=jax.numpy` so that per-example (RDS) masks can be derived inside jit from metadata.
-
-Layouts (the packed teacher-forcing sequence, length L) are dicts of (L,) numpy arrays:
-  flat_pos    int32  h*W+w of the token whose embedding is fed at this position; -1 for class
-                     tokens. It is also the token's 2D-RoPE position.
-  target_pos  int32  flat position whose ground-truth token this position predicts; -1 if none.
-  step        int32  generation step of the position; -1 for class tokens.
-  is_new      bool   True for positions of the new ring (their input is the learnable prompt).
-  is_class    bool   True for class-token positions.
-  mask        bool   (L, L), True where query i may attend to key j (`train_layout` only).
-  valid       bool   False on padding (`pad_layout` only).
+The packed teacher-forcing layouts, the correction band and the nested mask live in
+`radar_jax.layouts`; `train_layout`, `layout_metadata`, `pad_layout`, `nested_mask`,
+`block_bounds` (and the band helpers) stay importable from here, the contract other modules use.
+Everything here is numpy and runs at trace time.
 """
 
 import dataclasses
@@ -23,6 +15,11 @@ import hashlib
 from typing import Sequence
 
 import numpy as np
+
+# Re-exported: the layout API is part of this module's contract (DESIGN.md).
+from radar_jax.layouts import (  # noqa: F401
+    block_bounds, block_sizes, check_correction_band, effective_correction_band, known_rings,
+    layout_metadata, nested_mask, pad_layout, train_layout)
 
 KINDS = ("euclidean", "crops", "raster", "custom")
 # Crop sizes of the paper-style presets on a 16x16 token grid (RADAR.md, "Ring schedules").
@@ -407,140 +404,3 @@ def sub_ladder(schedule: RingSchedule, num_steps: int) -> RingSchedule:
     i = np.arange(num_steps)
     keep = (2 * i * (total - 1) + (num_steps - 1)) // (2 * (num_steps - 1))
     return merge_rings(schedule, keep)
-
-
-# --------------------------------------------------------------------------------------------
-# Packed layouts and the nested mask.
-# --------------------------------------------------------------------------------------------
-def layout_metadata(schedule: RingSchedule, num_class_tokens: int = 1) -> dict[str, np.ndarray]:
-    """Per-position metadata of the packed teacher-forcing sequence (see module docstring).
-
-    Ring kinds: sequence = class tokens + B_0 + ... + B_{K-1}; block B_k holds every position of
-    C_k, the known area C_{k-1} first, then the new ring N_k, raster order inside each part; every
-    block position predicts its own ground-truth token (target_pos = flat_pos). Length
-    num_class_tokens + sum_k |C_k| (1629 for euclidean on 16x16, 681 for crops10).
-
-    'raster': sequence = class tokens + the first H*W-1 tokens (inputs shifted by one, as in
-    LlamaGen). Index i >= n (n = num_class_tokens) feeds token f = i-n (flat_pos = f, its RoPE
-    position) and predicts f+1; the last class token predicts position 0. Step convention:
-    step = flat_pos (the input token's own raster index), -1 for class tokens, is_new all False.
-    Each input token is then the whole "known area" of its own step, so the nested-mask rule
-    yields exactly the causal (lower-triangular) mask. Length n + H*W - 1.
-
-    Returns:
-      dict of (L,) arrays: flat_pos, target_pos, step (int32), is_new, is_class (bool).
-    """
-    if num_class_tokens < 1:
-        raise ValueError(f"num_class_tokens must be >= 1, got {num_class_tokens}")
-    n_cls = int(num_class_tokens)
-    cls_neg = np.full((n_cls,), -1, np.int64)
-    if schedule.is_next_token:
-        num_tokens = schedule.grid[0] * schedule.grid[1]
-        flat_pos = np.concatenate([cls_neg, np.arange(num_tokens - 1)])
-        target_pos = np.concatenate([cls_neg[1:], np.arange(num_tokens)])
-        step = flat_pos.copy()
-        is_new = np.zeros(flat_pos.shape, bool)
-    else:
-        flat_ring = schedule.ring_map.ravel()
-        pos_parts, step_parts, new_parts = [cls_neg], [cls_neg], [np.zeros((n_cls,), bool)]
-        for k in range(schedule.num_steps):
-            known = np.flatnonzero(flat_ring < k)
-            new = np.flatnonzero(flat_ring == k)
-            pos_parts += [known, new]
-            step_parts.append(np.full((known.size + new.size,), k))
-            new_parts += [np.zeros((known.size,), bool), np.ones((new.size,), bool)]
-        flat_pos = np.concatenate(pos_parts)
-        target_pos = flat_pos.copy()
-        step = np.concatenate(step_parts)
-        is_new = np.concatenate(new_parts)
-    is_class = np.zeros(flat_pos.shape, bool)
-    is_class[:n_cls] = True
-    return dict(flat_pos=flat_pos.astype(np.int32), target_pos=target_pos.astype(np.int32),
-                step=step.astype(np.int32), is_new=is_new, is_class=is_class)
-
-
-def block_bounds(schedule: RingSchedule, num_class_tokens: int = 1) -> np.ndarray:
-    """(K+1,) int64 offsets: block B_k occupies sequence positions [b[k], b[k+1]).
-
-    b[0] = num_class_tokens. Ring kinds only ('raster' has no blocks).
-    """
-    if schedule.is_next_token:
-        raise ValueError("'raster' layouts have no blocks; block_bounds needs a ring schedule")
-    return np.concatenate([[num_class_tokens], num_class_tokens + np.cumsum(schedule.canvas_sizes)])
-
-
-def nested_mask(step, is_new, is_class, valid=None, xp=np):
-    """Nested attention mask from per-token metadata (RADAR.md, "Nested attention").
-
-    Rule for a valid query i and key j:
-      - class keys are visible to every valid non-class query;
-      - a class query sees only class keys at or before it (causal among class tokens, as in
-        LlamaGen with several class tokens);
-      - s(j) < s(i): visible; s(j) > s(i): hidden;
-      - s(j) == s(i): visible iff is_new(i) or not is_new(j) (the known area never sees the new
-        ring of its own step).
-    Padding (valid False) is never attended by valid queries; a padded query attends to itself
-    only, so no softmax row is empty (padded outputs are then ignored by the loss).
-
-    Args:
-      step: (..., L) int step per token (class tokens -1).
-      is_new, is_class: (..., L) bool.
-      valid: (..., L) bool or None (all valid).
-      xp: numpy or jax.numpy; works on traced arrays inside jit.
-
-    Returns:
-      (..., L, L) bool, True where query i (axis -2) may attend to key j (axis -1).
-    """
-    step, is_new, is_class = xp.asarray(step), xp.asarray(is_new), xp.asarray(is_class)
-    length = step.shape[-1]
-    s_i, s_j = step[..., :, None], step[..., None, :]
-    new_i, new_j = is_new[..., :, None], is_new[..., None, :]
-    cls_i, cls_j = is_class[..., :, None], is_class[..., None, :]
-    idx = xp.arange(length)
-    causal_LL = idx[None, :] <= idx[:, None]
-    same_step = (s_j == s_i) & (new_i | ~new_j)
-    token_rows = cls_j | (s_j < s_i) | same_step
-    mask = xp.where(cls_i, cls_j & causal_LL, token_rows)
-    if valid is not None:
-        valid = xp.asarray(valid).astype(bool)
-        valid_i, valid_j = valid[..., :, None], valid[..., None, :]
-        eye_LL = idx[None, :] == idx[:, None]
-        mask = (mask & valid_i & valid_j) | (~valid_i & eye_LL)
-    return mask
-
-
-def train_layout(schedule: RingSchedule, num_class_tokens: int = 1) -> dict[str, np.ndarray]:
-    """`layout_metadata` plus `mask`: (L, L) bool nested mask, True where query i sees key j."""
-    layout = layout_metadata(schedule, num_class_tokens)
-    layout["mask"] = nested_mask(layout["step"], layout["is_new"], layout["is_class"])
-    return layout
-
-
-def pad_layout(layout: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Pads every (L,) array of a layout to (length,) and adds `valid` (L real, then False).
-
-    Padding values: flat_pos -1, target_pos -1, step = `length` (larger than any real step,
-    since a layout has fewer steps than positions), is_new False, is_class False. A `mask`
-    entry, if present, is rebuilt for the padded metadata with `nested_mask`. Used by RDS, where
-    per-example sub-ladders give different lengths and the mask is derived inside jit.
-    """
-    real = int(layout["step"].shape[0])
-    if length < real:
-        raise ValueError(f"cannot pad a layout of length {real} to {length}; pad to at least "
-                         f"{real} (e.g. the full schedule's layout length)")
-    if "valid" in layout:
-        raise ValueError("layout is already padded; pad the unpadded layout instead")
-    fill = dict(flat_pos=-1, target_pos=-1, step=length, is_new=False, is_class=False)
-    out = {}
-    for key, value in layout.items():
-        if key == "mask":
-            continue
-        if key not in fill:
-            raise ValueError(f"pad_layout does not know how to pad {key!r}; expected keys "
-                             f"{sorted(fill)} (+ 'mask')")
-        out[key] = np.concatenate(
-            [value, np.full((length - real,), fill[key], dtype=value.dtype)])
-    out["valid"] = np.arange(length) < real
-    if "mask" in layout:
-        out["mask"] = nested_mask(out["step"], out["is_new"], out["is_class"], out["valid"])
-    return out

@@ -1,4 +1,7 @@
-"""Tests for radar_jax/schedules.py against hand-derived schedules, layouts and masks."""
+"""Tests for radar_jax/schedules.py against hand-derived schedules and step ladders.
+
+Layouts and masks (radar_jax/layouts.py, re-exported by schedules) are in test_layouts.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +12,6 @@ from radar_jax import schedules
 
 # Cumulative canvas sizes |C_k| of euclidean-13 on 16x16, from the ring sizes in RADAR.md.
 EUCLID16_RINGS = [1, 4, 8, 16, 20, 32, 32, 36, 46, 36, 20, 4, 1]
-
-
-def _rows(*rows):
-    """Literal 0/1 strings -> bool matrix."""
-    return np.array([[c == "1" for c in row] for row in rows], dtype=bool)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -60,16 +58,6 @@ def test_crops_presets_sizes():
     assert schedules.make_schedule("crops", 16).num_steps == 16   # default sizes 1..16
 
 
-def test_sequence_lengths():
-    euclid = schedules.make_schedule("euclidean", 16)
-    crops10 = schedules.make_schedule("crops", 16, preset="crops10")
-    raster = schedules.make_schedule("raster", 16)
-    assert len(schedules.train_layout(euclid)["step"]) == 1629
-    assert len(schedules.train_layout(crops10)["step"]) == 681
-    assert len(schedules.train_layout(raster)["step"]) == 256
-    assert schedules.train_layout(euclid)["mask"].shape == (1629, 1629)
-
-
 def test_non_square_grid_6x10():
     # Euclidean: center (2, 4); hand-counted lattice points per ceil-distance shell.
     euclid = schedules.make_schedule("euclidean", (6, 10))
@@ -82,81 +70,6 @@ def test_non_square_grid_6x10():
     assert crops.ring_sizes.tolist() == [1, 3, 5, 7, 9, 11, 6, 6, 6, 6]
     assert crops.start == (2, 4)
     assert len(schedules.layout_metadata(crops)["step"]) == 1 + 295
-
-
-# ------------------------------------------------------------------------------ layouts
-def _crops_4x4():
-    # Grid 4x4, center (1, 1). Crop 1: {(1,1)}; crop 2: rows/cols 1..2; crop 4: everything.
-    #   2 2 2 2
-    #   2 0 1 2
-    #   2 1 1 2
-    #   2 2 2 2
-    return schedules.make_schedule("crops", 4, sizes=[1, 2, 4])
-
-
-def test_crops_4x4_layout_by_hand():
-    sched = _crops_4x4()
-    assert sched.ring_map.tolist() == [[2, 2, 2, 2], [2, 0, 1, 2], [2, 1, 1, 2], [2, 2, 2, 2]]
-    layout = schedules.train_layout(sched)
-    # class | B0: new 5 | B1: known 5, new 6 9 10 | B2: known 5 6 9 10, new the border.
-    assert layout["flat_pos"].tolist() == [-1, 5, 5, 6, 9, 10, 5, 6, 9, 10,
-                                           0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15]
-    assert layout["target_pos"].tolist() == layout["flat_pos"].tolist()
-    assert layout["step"].tolist() == [-1, 0, 1, 1, 1, 1] + [2] * 16
-    assert layout["is_new"].tolist() == [False, True, False, True, True, True] + \
-        [False] * 4 + [True] * 12
-    assert layout["is_class"].tolist() == [True] + [False] * 21
-    assert schedules.block_bounds(sched).tolist() == [1, 2, 6, 22]
-    expected = _rows(
-        "1000000000000000000000",  # class: itself only
-        "1100000000000000000000",  # B0 new (5): class + itself
-        "1110000000000000000000",  # B1 known (5): class, step 0, itself; not the new ring
-        "1111110000000000000000",  # B1 new (6): class, step 0, whole block 1
-        "1111110000000000000000",  # B1 new (9)
-        "1111110000000000000000",  # B1 new (10)
-        "1111111111000000000000",  # B2 known (5): steps 0-1 + known part of block 2
-        "1111111111000000000000",  # B2 known (6)
-        "1111111111000000000000",  # B2 known (9)
-        "1111111111000000000000",  # B2 known (10)
-        *["1111111111111111111111"] * 12,  # B2 new: everything
-    )
-    np.testing.assert_array_equal(layout["mask"], expected)
-
-
-def test_mask_invariants_euclidean():
-    layout = schedules.train_layout(schedules.make_schedule("euclidean", 16))
-    mask, step, new = layout["mask"], layout["step"], layout["is_new"]
-    s_i, s_j = step[:, None], step[None, :]
-    assert mask[:, 0].all()                                   # class key visible to all
-    assert not mask[s_j > s_i].any()                          # nothing attends a later step
-    known_to_new = (s_i == s_j) & ~new[:, None] & new[None, :]
-    assert known_to_new.any() and not mask[known_to_new].any()
-    assert mask[(s_j < s_i)].all()                            # every earlier step is visible
-    assert np.diagonal(mask).all()
-
-
-def test_raster_layout_is_causal():
-    raster = schedules.make_schedule("raster", (4, 4))
-    layout = schedules.train_layout(raster)
-    assert layout["flat_pos"].tolist() == [-1] + list(range(15))
-    assert layout["target_pos"].tolist() == list(range(16))   # the class token predicts 0
-    assert not layout["is_new"].any()
-    np.testing.assert_array_equal(layout["mask"], np.tril(np.ones((16, 16), bool)))
-    # Several class tokens: a prefix; only the last one predicts position 0.
-    layout2 = schedules.train_layout(schedules.make_schedule("raster", 16), num_class_tokens=3)
-    assert len(layout2["step"]) == 258
-    assert layout2["target_pos"][:4].tolist() == [-1, -1, 0, 1]
-    assert layout2["flat_pos"][:4].tolist() == [-1, -1, -1, 0]
-    np.testing.assert_array_equal(layout2["mask"], np.tril(np.ones((258, 258), bool)))
-
-
-def test_several_class_tokens_ring_layout():
-    layout = schedules.train_layout(_crops_4x4(), num_class_tokens=2)
-    assert len(layout["step"]) == 23
-    mask = layout["mask"]
-    # Class queries are causal among class tokens; every token sees both class keys.
-    assert mask[0, :2].tolist() == [True, False] and mask[1, :2].tolist() == [True, True]
-    assert mask[2:, :2].all() and not mask[:2, 2:].any()
 
 
 # ------------------------------------------------------------------------------ validation
@@ -227,30 +140,3 @@ def test_sample_sub_ladder():
     a = schedules.sample_sub_ladder(13, np.random.default_rng(7))
     b = schedules.sample_sub_ladder(13, np.random.default_rng(7))
     np.testing.assert_array_equal(a, b)
-
-
-def test_padded_mask_inside_jit_matches_numpy():
-    base = schedules.make_schedule("euclidean", 8)
-    full_len = len(schedules.layout_metadata(base)["step"])
-    merged = schedules.merge_rings(base, [0, 2, base.num_steps - 1])
-    reference = schedules.train_layout(merged)
-    real = len(reference["step"])
-    padded = schedules.pad_layout(schedules.layout_metadata(merged), full_len)
-    assert padded["valid"].sum() == real and padded["step"][real:].min() > padded["step"][:real].max()
-
-    @jax.jit
-    def mask_fn(step, is_new, is_class, valid):
-        return schedules.nested_mask(step, is_new, is_class, valid, xp=jnp)
-
-    # A batch of two examples with different ladders, as in RDS.
-    other = schedules.pad_layout(schedules.layout_metadata(base), full_len)
-    batch = {k: np.stack([padded[k], other[k]]) for k in ("step", "is_new", "is_class", "valid")}
-    mask = np.asarray(mask_fn(batch["step"], batch["is_new"], batch["is_class"], batch["valid"]))
-    assert mask.shape == (2, full_len, full_len)
-    np.testing.assert_array_equal(mask[0, :real, :real], reference["mask"])
-    assert not mask[0, :real, real:].any()                   # valid rows never see padding
-    np.testing.assert_array_equal(mask[0, real:], np.eye(full_len, dtype=bool)[real:])
-    np.testing.assert_array_equal(mask[1], schedules.train_layout(base)["mask"])
-    # pad_layout rebuilds a mask it is given, identically to the jitted one.
-    np.testing.assert_array_equal(
-        schedules.pad_layout(reference, full_len)["mask"], mask[0])
