@@ -19,13 +19,21 @@
                        False: resize the short side to S and crop the centre.
   flip: bool           train only: random horizontal flip (False for digits: a mirrored
                        digit is another shape).
-  num_workers: int     grain worker processes for decoding (0 = threads in this process).
+  num_workers: int     grain worker processes for decoding (0 = threads in this process;
+                       outside absl.app, where grain cannot start processes, threads too).
 
 Public API (see each module for details):
   digits.py:      load_digits_split, digits_to_images, images_to_digits
   sources.py:     make_source, check_data_available, DataUnavailableError, BadImageError
   pipeline.py:    make_image_dataset, make_token_dataset, SkipCounter, skipped_count
-  token_cache.py: save_token_cache, load_token_cache
+  token_cache.py: write_token_shard, finalize_token_cache, save_token_cache,
+                  remove_token_cache, token_cache_state, codes_dtype, IncompleteTokenCacheError
+  token_reader.py: TokenCache, check_token_cache, load_token_cache
+
+Token caches: a directory of memory-mapped .npy shards plus meta.json (format in
+token_cache.py), read with random access (`TokenCache(path)[indices]`) without loading it,
+codes stored as uint16 when the codebook fits; gs:// caches are copied to local disk first.
+All file IO goes through etils.epath, so paths may be gs://...
 
 Bad data: an undecodable file is skipped, logged once with its path and counted per iterator
 (`skipped_count(iterator)`, `iterator.skip_counter.paths`; the counts are checkpointed with
@@ -46,21 +54,39 @@ from radar_jax.data.sources import BadImageError
 from radar_jax.data.sources import check_data_available
 from radar_jax.data.sources import DataUnavailableError
 from radar_jax.data.sources import make_source
-from radar_jax.data.token_cache import load_token_cache
+from radar_jax.data.pipeline import worker_processes_available
+from radar_jax.data.token_cache import codes_dtype
+from radar_jax.data.token_cache import finalize_token_cache
+from radar_jax.data.token_cache import IncompleteTokenCacheError
+from radar_jax.data.token_cache import remove_token_cache
 from radar_jax.data.token_cache import save_token_cache
+from radar_jax.data.token_cache import token_cache_state
+from radar_jax.data.token_cache import write_token_shard
+from radar_jax.data.token_reader import check_token_cache
+from radar_jax.data.token_reader import load_token_cache
+from radar_jax.data.token_reader import TokenCache
 
 __all__ = [
     "BadImageError",
     "DataUnavailableError",
+    "IncompleteTokenCacheError",
     "SkipCounter",
+    "TokenCache",
     "check_data_available",
+    "check_token_cache",
+    "codes_dtype",
     "digits_to_images",
+    "finalize_token_cache",
     "images_to_digits",
     "load_digits_split",
     "load_token_cache",
     "make_image_dataset",
     "make_source",
     "make_token_dataset",
+    "remove_token_cache",
     "save_token_cache",
     "skipped_count",
+    "token_cache_state",
+    "worker_processes_available",
+    "write_token_shard",
 ]

@@ -10,8 +10,8 @@ grain's state is per worker).
 
 Image pipeline, per host shard:
     source[shard::count] -> shuffle(seed) -> repeat -> decode + resize + crop/flip (random_map)
-    -> to_iter_dataset [-> mp_prefetch(num_workers)] -> _ImageBatches: drop bad files (count,
-    log), stack B good records, uint8 -> float32 in [-1, 1]
+    -> to_iter_dataset [-> mp_prefetch(num_workers), under absl.app] -> _ImageBatches: drop
+    bad files (count, log), stack B good records, uint8 -> float32 in [-1, 1]
 Bad files are dropped after the worker processes, in the process that owns the iterator, so
 the iterator's `SkipCounter` sees every skip whatever `num_workers` is, and the counts are part
 of the iterator's state (a resumed run keeps reporting the files skipped before the restart).
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from radar_jax.data import sources as sources_lib
+from radar_jax.data import token_reader
 
 # LlamaGen's (and ADM's) random crop: resize the short side to a random length in
 # [S, S / MIN_CROP_FRAC], then crop S x S at a random offset.
@@ -294,6 +295,34 @@ def _shard(ds: grain.MapDataset, shard_index: int, shard_count: int, what: str):
     return sharded
 
 
+def worker_processes_available() -> bool:
+    """Whether grain (0.2.x) can start worker processes in this program.
+
+    grain reads one absl flag, --grain_enable_multiprocess_worker_profiling, with `.value`
+    when it starts its workers, which raises UnparsedFlagAccessError unless the program has
+    parsed its flags (absl.app.run does; pytest and notebooks do not). grain has no option
+    for it, and marking absl's global flags parsed would change the program's state behind
+    its back, so this only reads the state.
+    """
+    name = "grain_enable_multiprocess_worker_profiling"
+    return bool(flags.FLAGS.is_parsed() or name not in flags.FLAGS or flags.FLAGS[name].present)
+
+
+def _parallel_decode(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """`ds` as an IterDataset decoded by `num_workers` processes, or by grain's reader threads
+    in this process (num_workers=0, or where grain cannot start processes: see
+    worker_processes_available). Both yield the same records in the same order; processes
+    scale past the GIL. Their iterator states differ, so resume the way the run started."""
+    if num_workers > 0 and worker_processes_available():
+        return ds.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers))
+    if num_workers > 0:
+        logging.warning("config.data.num_workers=%d, but absl flags are not parsed (not under "
+                        "absl.app), so grain cannot start worker processes: decoding in this "
+                        "process's reader threads instead (the same batches).", num_workers)
+    return ds.to_iter_dataset()
+
+
 def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: int,
                        train: bool, num_epochs: int | None = None, shard_index: int = 0,
                        shard_count: int = 1, drop_remainder: bool = True) -> grain.IterDataset:
@@ -344,13 +373,7 @@ def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: i
         if num_epochs not in (None, 1):
             ds = ds.repeat(num_epochs)
         ds = ds.map(_EvalPreprocess(image_size))
-    it = ds.to_iter_dataset()
-    if num_workers > 0:
-        # grain's worker processes read absl flags. Outside an absl app (pytest, a notebook)
-        # they are unparsed and grain would raise, so fall back to the flags' defaults.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
+    it = _parallel_decode(ds, int(num_workers))
     it = _ImageBatches(it, int(batch_size), bool(drop_remainder), epoch_size, what)
     logging.info("Data %s[%s] (shard %d/%d): %s, batch %d, %s.", data_config.source, split,
                  shard_index, shard_count, what, batch_size,
@@ -359,23 +382,27 @@ def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: i
 
 
 class _GatherTokens(grain.transforms.Map):
-    """Batch of indices (B,) -> {'codes': int32 (B, h, w), 'label': int32 (B,)}."""
+    """Batch of indices (B,) -> {'codes': int32 (B, h, w), 'label': int32 (B,)}, read from the
+    cache (a memory-mapped TokenCache reads only these B maps)."""
 
-    def __init__(self, codes: np.ndarray, labels: np.ndarray):
-        self._codes, self._labels = codes, labels
+    def __init__(self, cache):
+        self._cache = cache
 
     def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {"codes": self._codes[indices], "label": self._labels[indices]}
+        codes, labels = self._cache[indices]
+        return {"codes": codes, "label": labels}
 
 
-def make_token_dataset(codes: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
+def make_token_dataset(cache, batch_size: int, *legacy, seed: int,
                        num_epochs: int | None = None, shard_index: int = 0,
                        shard_count: int = 1) -> grain.IterDataset:
     """Shuffled, repeated batches of cached token maps for generator training.
 
     Args:
-      codes: int (N, h, w) token maps (as `load_token_cache` returns).
-      labels: int (N,) class ids.
+      cache: a `TokenCache` (or any object with len() and `cache[indices (B,)] -> (codes int
+        (B, h, w), labels int (B,))`); `TokenCache.from_arrays(codes, labels)` wraps arrays.
+        Only the maps of each batch are read. (Deprecated, until train.py moves to TokenCache:
+        `make_token_dataset(codes, labels, batch_size, ...)`.)
       batch_size: examples per batch on this host; batches may span epochs and are always
         full (a last partial batch of a finite run is dropped).
       seed: shuffle seed (int >= 0), reshuffled every epoch.
@@ -384,19 +411,19 @@ def make_token_dataset(codes: np.ndarray, labels: np.ndarray, batch_size: int, *
 
     Returns:
       A grain IterDataset yielding {'codes': int32 (B, h, w), 'label': int32 (B,)}; its
-      iterators are checkpointable like `make_image_dataset`'s.
+      iterators are checkpointable like `make_image_dataset`'s. The stream depends only on
+      the seed, the shard and the cache's contents in index order (not on how it is stored).
     """
+    if legacy or isinstance(cache, np.ndarray):
+        if len(legacy) != 1:
+            raise TypeError("make_token_dataset(cache, batch_size, *, seed, ...): pass a "
+                            "TokenCache (TokenCache.from_arrays(codes, labels) for arrays).")
+        cache, batch_size = token_reader.TokenCache.from_arrays(cache, batch_size), legacy[0]
     _check_common(batch_size, seed, num_epochs, shard_index, shard_count)
-    codes = np.asarray(codes)
-    labels = np.asarray(labels)
-    if codes.ndim != 3 or labels.shape != codes.shape[:1]:
-        raise ValueError(f"make_token_dataset: codes {codes.shape} and labels {labels.shape}; "
-                         "expected codes (N, h, w) and labels (N,).")
-    codes = codes.astype(np.int32, copy=False)
-    labels = labels.astype(np.int32, copy=False)
-    what = f"token cache of {len(codes)} maps"
+    what = f"token cache of {len(cache)} maps"
     shuffle_seed, _ = _seeds(seed, shard_index)
-    ds = _shard(grain.MapDataset.range(len(codes)), shard_index, shard_count, what)
+    # Shuffle indices, not records, and gather each batch at once: one read per batch.
+    ds = _shard(grain.MapDataset.range(len(cache)), shard_index, shard_count, what)
     ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds.batch(int(batch_size), drop_remainder=True).map(_GatherTokens(codes, labels))
+    ds = ds.batch(int(batch_size), drop_remainder=True).map(_GatherTokens(cache))
     return ds.to_iter_dataset(_TOKEN_READ)

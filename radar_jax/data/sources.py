@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -103,26 +104,29 @@ class ImageFolderSource:
 
     Classes are the sorted names of root's subfolders (hidden ones ignored); files are found
     recursively inside each class folder and sorted, so indices are stable across runs.
-    Hidden files (names starting with '.', e.g. macOS '._x.jpg') are ignored.
+    Hidden files (names starting with '.', e.g. macOS '._x.jpg') are ignored. Symlinked
+    folders are followed, each real folder once, so a symlink loop cannot repeat images.
+    `root` may be local or gs://... (all IO through etils.epath).
     """
 
     def __init__(self, root: str):
-        root = os.path.expanduser(root)
-        if not root or not os.path.isdir(root):
+        root = os.path.expanduser(str(root))  # a string operation: gs:// paths pass unchanged
+        folder = epath.Path(root)
+        if not root or not folder.is_dir():
             raise DataUnavailableError(
                 f"image folder {root!r} does not exist. Set --config.data.path to a folder "
                 "holding one subfolder per class (e.g. train/n01440764/*.JPEG), or use "
                 "--config.data.source=digits for the embedded demo data.")
         self.root = root
-        self.classes = sorted(
-            e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = sorted(e.name for e in folder.iterdir()
+                              if not e.name.startswith(".") and e.is_dir())
         paths, labels = [], []
         for label, name in enumerate(self.classes):
-            found = _find_images(os.path.join(root, name))
+            found = _find_images(folder / name)
             paths += found
             labels += [label] * len(found)
         if not paths:
-            loose = _find_images(root, recursive=False)
+            loose = _find_images(folder, recursive=False)
             hint = (f" It holds {len(loose)} image files directly: move them into one "
                     "subfolder per class." if loose else "")
             raise DataUnavailableError(
@@ -144,23 +148,52 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self._paths[index]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = epath.Path(path).read_bytes()
         except OSError as e:
             raise BadImageError(path, f"{type(e).__name__}: {e}") from e
         return {"image": decode_image_bytes(data, path), "label": int(self._labels[index])}
 
 
-def _find_images(folder: str, recursive: bool = True) -> list[str]:
-    """Sorted paths of the image files under `folder` (hidden names skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(dirpath, name))
-        if not recursive:
-            break
+def _real_folder(folder: epath.Path) -> str:
+    """The key of a folder in the visited set: its real path locally (symlinks resolved);
+    object stores have no symlinks, so there the path itself."""
+    if "://" in str(folder):
+        return str(folder)
+    return os.path.realpath(folder)
+
+
+def _find_images(folder: epath.Path, recursive: bool = True) -> list[str]:
+    """Sorted paths (str) of the image files under `folder` (hidden names skipped).
+
+    Folders are walked top-down in sorted order, following symlinks, but each real folder is
+    entered once (a visited set of resolved paths): a link back to an ancestor lists nothing
+    twice, and several loops cannot make the walk explode. A folder reached through two paths
+    is listed under the first one in that order. Unreadable folders are skipped with a warning.
+    """
+    found, visited = [], set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        key = _real_folder(current)
+        if key in visited:
+            continue
+        visited.add(key)
+        try:
+            entries = sorted(current.iterdir(), key=lambda e: e.name)
+        except OSError as e:
+            logging.warning("Skipping folder %s: %s", current, e)
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append(entry)
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(str(entry))
+        if recursive:
+            stack += reversed(subfolders)  # pop() then visits them in sorted order
     return sorted(found)
 
 
@@ -228,8 +261,8 @@ def _tfds_num_classes(source: Any) -> int | None:
 
 def _split_folder(path: str, split: str) -> str:
     """`path/split` when that folder exists (root/train, root/validation), else `path`."""
-    candidate = os.path.join(os.path.expanduser(path), split)
-    return candidate if split and os.path.isdir(candidate) else path
+    candidate = epath.Path(os.path.expanduser(str(path))) / split
+    return str(candidate) if split and candidate.is_dir() else path
 
 
 def make_source(data_config: Any, split: str):
