@@ -221,14 +221,72 @@ def test_imagefolder_pipeline_skips_and_counts_bad_files(image_folder, caplog):
 
 
 def test_imagefolder_skips_are_counted_with_worker_processes(image_folder):
+    import multiprocessing
+
+    from absl import flags
+    from absl.testing import flagsaver
+
     root, broken = image_folder
     cfg = data_config(source="imagefolder", path=root, image_size=S, num_workers=1)
-    it = iter(data.make_image_dataset(cfg, "train", 6, seed=0, train=False))
-    batch = next(it)
-    it.close()
+    # Outside absl.app grain cannot start processes (see worker_processes_available): the
+    # pipeline decodes in threads, gives the same batch, and leaves absl's flags unparsed.
+    assert not flags.FLAGS.is_parsed() and not data.worker_processes_available()
+    in_threads = next(iter(data.make_image_dataset(cfg, "train", 6, seed=0, train=False)))
+    assert not flags.FLAGS.is_parsed()
+    # As under absl.app (the CLI): real worker processes. flagsaver restores the flags.
+    with flagsaver.as_parsed(grain_enable_multiprocess_worker_profiling="false"):
+        assert data.worker_processes_available()
+        it = iter(data.make_image_dataset(cfg, "train", 6, seed=0, train=False))
+        batch = next(it)
+        assert multiprocessing.active_children()  # decoded in another process
+        it.close()
+    assert not data.worker_processes_available()
     assert batch["image"].shape == (6, S, S, 3)
     np.testing.assert_array_equal(batch["label"], [0, 0, 0, 1, 1, 1])
     assert data.skipped_count(it) == 2 and it.skip_counter.paths == broken
+    np.testing.assert_array_equal(in_threads["image"], batch["image"])
+
+
+def _list_with_timeout(root, seconds=20):
+    """make_source in a thread, so a walk that would never end fails the test instead."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        source=data.make_source(data_config(source="imagefolder", path=str(root)), "train")),
+        daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"listing {root} did not finish in {seconds} s"
+    return result["source"]
+
+
+def test_imagefolder_symlink_loops_list_each_image_once(tmp_path):
+    # root/cat/a.png, root/cat/deep/b.png, root/dog/c.png, with three loops: cat/deep/up ->
+    # cat (an ancestor), dog/self -> dog (itself), dog/root -> root (two levels up, through
+    # which cat is reachable again). Before the visited set, os.walk(followlinks=True) listed
+    # a.png dozens of times and the nested loops never finished.
+    root = tmp_path / "root"
+    for sub in ("cat/deep", "dog"):
+        (root / sub).mkdir(parents=True)
+    for name in ("cat/a.png", "cat/deep/b.png", "dog/c.png"):
+        Image.new("RGB", (8, 8)).save(root / name)
+    os.symlink(root / "cat", root / "cat" / "deep" / "up")
+    os.symlink(root / "dog", root / "dog" / "self")
+    os.symlink(root, root / "dog" / "root")
+    source = _list_with_timeout(root)
+    paths = [source.path(i) for i in range(len(source))]
+    assert paths == [str(root / "cat" / "a.png"), str(root / "cat" / "deep" / "b.png"),
+                     str(root / "dog" / "c.png")]
+    assert [source[i]["label"] for i in range(3)] == [0, 0, 1]
+    # A symlinked class folder is still followed (once): a real folder elsewhere.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "d.png")
+    os.symlink(elsewhere, root / "bird")
+    source = _list_with_timeout(root)
+    assert source.classes == ["bird", "cat", "dog"] and len(source) == 4
+    assert source.path(0) == str(root / "bird" / "d.png")
 
 
 def test_missing_empty_and_imageless_folders_raise_one_clear_error(tmp_path):
@@ -364,7 +422,7 @@ def test_token_cache_round_trip_and_errors(tmp_path):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16384, size=(5, 4, 4)).astype(np.int64)
     labels = np.arange(5)
-    path = str(tmp_path / "sub" / "tokens.npz")
+    path = str(tmp_path / "sub" / "tokens")
     meta = {"tokenizer": "vq16", "image_size": 64, "augment": ["none"]}
     data.save_token_cache(path, codes, labels, meta)
     got_codes, got_labels, got_meta = data.load_token_cache(path)
@@ -372,33 +430,50 @@ def test_token_cache_round_trip_and_errors(tmp_path):
     np.testing.assert_array_equal(got_codes, codes)
     np.testing.assert_array_equal(got_labels, labels)
     assert got_meta == meta
-    assert os.listdir(tmp_path / "sub") == ["tokens.npz"]  # no temp file left behind
+    assert os.listdir(tmp_path / "sub") == ["tokens"]  # no temp file left behind ...
+    assert sorted(os.listdir(path)) == [  # ... inside the cache either
+        "codes-00000.npy", "labels-00000.npy", "meta.json", "shard-00000.json"]
     data.save_token_cache(path, codes[:2], labels[:2], {})  # overwrite in place
     assert data.load_token_cache(path)[0].shape == (2, 4, 4)
 
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         data.load_token_cache(str(tmp_path / "missing.npz"))
+    # Format-1 caches (one .npz) still read; a garbage or truncated one is reported as corrupt.
+    legacy = tmp_path / "legacy.npz"
+    np.savez(legacy, codes=codes.astype(np.int32), labels=labels.astype(np.int32),
+             meta_json=np.array('{"tokenizer": "old"}'), format_version=np.int32(1))
+    old_codes, old_labels, old_meta = data.load_token_cache(str(legacy))
+    np.testing.assert_array_equal(old_codes, codes)
+    assert old_meta == {"tokenizer": "old"}
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="garbage.npz.*corrupt"):
         data.load_token_cache(str(garbage))
-    with open(path, "rb") as f:
-        whole = f.read()
+    whole = legacy.read_bytes()
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match="truncated.npz"):
         data.load_token_cache(str(truncated))
+    # A truncated shard of the directory format is reported too, naming the cache.
+    shard = os.path.join(path, "codes-00000.npy")
+    with open(shard, "rb") as f:
+        whole = f.read()
+    with open(shard, "wb") as f:
+        f.write(whole[: len(whole) - 7])
+    with pytest.raises(ValueError, match="tokens: shard 0 cannot be read"):
+        data.load_token_cache(path)
     with pytest.raises(ValueError, match="codes"):
-        data.save_token_cache(str(tmp_path / "bad.npz"), codes[0], labels, {})
+        data.save_token_cache(str(tmp_path / "bad"), codes[0], labels, {})
     with pytest.raises(ValueError, match="JSON"):
-        data.save_token_cache(str(tmp_path / "bad.npz"), codes, labels, {"x": object()})
+        data.save_token_cache(str(tmp_path / "bad"), codes, labels, {"x": object()})
 
 
 def test_token_dataset_shapes_epochs_shards_and_resume():
     n, h, w = 12, 3, 2
     codes = np.broadcast_to(np.arange(n)[:, None, None], (n, h, w)).copy()  # code = index
     labels = np.arange(n) % 5
-    batches = list(data.make_token_dataset(codes, labels, 4, seed=0, num_epochs=1))
+    cache = data.TokenCache.from_arrays(codes, labels)
+    batches = list(data.make_token_dataset(cache, 4, seed=0, num_epochs=1))
     assert len(batches) == 3
     for b in batches:
         assert b["codes"].shape == (4, h, w) and b["codes"].dtype == np.int32
@@ -409,18 +484,18 @@ def test_token_dataset_shapes_epochs_shards_and_resume():
     assert list(order) != list(range(n))  # ... shuffled
     # Two hosts read disjoint halves.
     shards = [np.concatenate([b["codes"][:, 0, 0] for b in data.make_token_dataset(
-        codes, labels, 2, seed=0, num_epochs=1, shard_index=i, shard_count=2)])
+        cache, 2, seed=0, num_epochs=1, shard_index=i, shard_count=2)])
         for i in range(2)]
     assert sorted(np.concatenate(shards)) == list(range(n))
     # Repeated forever by default, reshuffled each epoch, resumable.
-    it = iter(data.make_token_dataset(codes, labels, 4, seed=0))
+    it = iter(data.make_token_dataset(cache, 4, seed=0))
     epochs = take(it, 6)
     first = np.concatenate([b["codes"][:, 0, 0] for b in epochs[:3]])
     second = np.concatenate([b["codes"][:, 0, 0] for b in epochs[3:]])
     assert sorted(second) == list(range(n)) and list(first) != list(second)
     state = it.get_state()
     after = take(it, 2)
-    resumed = iter(data.make_token_dataset(codes, labels, 4, seed=0))
+    resumed = iter(data.make_token_dataset(cache, 4, seed=0))
     resumed.set_state(state)
     for a, b in zip(take(resumed, 2), after):
         np.testing.assert_array_equal(a["codes"], b["codes"])

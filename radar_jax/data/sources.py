@@ -105,7 +105,8 @@ class ImageFolderSource:
     Classes are the sorted names of root's subfolders (hidden ones ignored); files are found
     recursively inside each class folder and sorted, so indices are stable across runs.
     Hidden files (names starting with '.', e.g. macOS '._x.jpg') are ignored. Symlinked
-    folders are followed, each real folder once, so a symlink loop cannot repeat images.
+    folders are followed, each real folder once in the whole listing (in sorted walk order),
+    so a symlink loop cannot repeat images.
     `root` may be local or gs://... (all IO through etils.epath).
     """
 
@@ -121,8 +122,11 @@ class ImageFolderSource:
         self.classes = sorted(e.name for e in folder.iterdir()
                               if not e.name.startswith(".") and e.is_dir())
         paths, labels = [], []
+        # One visited set for the whole listing, the root included: a link from one class
+        # folder to the root or to another class cannot list (and mislabel) images twice.
+        visited = {_real_folder(folder)}
         for label, name in enumerate(self.classes):
-            found = _find_images(folder / name)
+            found = _find_images(folder / name, visited=visited)
             paths += found
             labels += [label] * len(found)
         if not paths:
@@ -162,15 +166,17 @@ def _real_folder(folder: epath.Path) -> str:
     return os.path.realpath(folder)
 
 
-def _find_images(folder: epath.Path, recursive: bool = True) -> list[str]:
+def _find_images(folder: epath.Path, recursive: bool = True,
+                 visited: set[str] | None = None) -> list[str]:
     """Sorted paths (str) of the image files under `folder` (hidden names skipped).
 
     Folders are walked top-down in sorted order, following symlinks, but each real folder is
-    entered once (a visited set of resolved paths): a link back to an ancestor lists nothing
-    twice, and several loops cannot make the walk explode. A folder reached through two paths
-    is listed under the first one in that order. Unreadable folders are skipped with a warning.
+    entered once (`visited`, resolved paths, updated in place): a link back to an ancestor
+    lists nothing twice, and several loops cannot make the walk explode. A folder reached
+    through two paths is listed under the first one in that order. Unreadable folders are
+    skipped with a warning.
     """
-    found, visited = [], set()
+    found, visited = [], set() if visited is None else visited
     stack = [folder]
     while stack:
         current = stack.pop()
