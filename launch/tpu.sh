@@ -108,14 +108,14 @@ describe() {
 tpu_state() {
   local s
   if [ "$QUEUED" = 1 ]; then
-    s=$(describe queued-resources 'value(state.state)') || return 0
+    s=$(describe queued-resources 'value(state.state)') || { echo "$s"; return 0; }
     case $s in
       SUSPENDING|SUSPENDED|FAILED) echo PREEMPTED; return ;;
       ACTIVE) ;;
       *) echo "${s:-UNKNOWN}"; return ;;
     esac
   fi
-  s=$(describe tpu-vm 'value(state)') || return 0
+  s=$(describe tpu-vm 'value(state)') || { echo "$s"; return 0; }
   case $s in TERMINATED) echo PREEMPTED ;; *) echo "${s:-UNKNOWN}" ;; esac
 }
 
@@ -215,8 +215,8 @@ run() {
 }
 
 STATUS_SCRIPT="$REMOTE_PRELUDE"'
-if alive; then echo "radar_jax_status worker=$w running"
-elif [ -f "$d/worker-$w.exit" ]; then echo "radar_jax_status worker=$w exit=$(cat "$d/worker-$w.exit")"
+if [ -f "$d/worker-$w.exit" ]; then echo "radar_jax_status worker=$w exit=$(cat "$d/worker-$w.exit")"
+elif alive; then echo "radar_jax_status worker=$w running"
 else echo "radar_jax_status worker=$w none"; fi'
 
 # One word for the whole run: running, done, restart (preempted or gone), failed=N, unknown.
@@ -237,7 +237,7 @@ stop_run() {
   remote all "$REMOTE_PRELUDE"'
 if alive; then p=$(cat "$d/worker-$w.pid"); kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p"
   echo "worker $w: SIGTERM sent, waiting for the checkpoint"
-  for _ in $(seq 600); do kill -0 "$p" 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 3000); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
   echo "worker $w: exit status $(cat "$d/worker-$w.exit" 2>/dev/null || echo unknown)"
 else echo "worker $w: not running"; fi'
 }
