@@ -6,14 +6,18 @@ over the sampler steps (one per group of steps that share a padded block shape, 
 `radar_jax.sampling_plan`), with the canvas, the KV cache, the rng and the step counter carried
 in a small `SamplerState`, like maskgit's sampler.
 
-Step k (ring kinds; RADAR.md, "Inference"):
-  1. feed block B_k: every position of C_k, the known area C_{k-1} first carrying the CURRENT
-     canvas tokens, then the new ring N_k carrying the learnable prompt, each at its own 2D-RoPE
-     position; step 0 also feeds the class token in front of the center prompt;
+Step k (ring kinds; RADAR.md, "Inference"), with correction band b (`schedules.layouts`):
+  1. feed block B_k: the known band K_k (rings k-b..k-1; the whole known area C_{k-1} for
+     b = None) first, carrying the CURRENT canvas tokens, then the new ring N_k carrying the
+     learnable prompt, each at its own 2D-RoPE position; step 0 also feeds the class token in
+     front of the center prompt;
   2. its keys/values go to cache slots [offset_k, offset_k + L_k): the cache is the packed
-     teacher-forcing sequence, and the block attends to it under the training nested mask;
-  3. sample a token at every position of C_k and write them back into the canvas at all of C_k
-     (correct=True: the known area is re-predicted and replaced) or only at N_k.
+     teacher-forcing sequence, and the block attends to it under the training nested mask
+     (every earlier block is visible, so rings older than the band are seen through the
+     keys/values they wrote while they were in it);
+  3. sample a token at every position of B_k and write them back into the canvas at all of
+     B_k (correct=True: the known band is re-predicted and replaced) or only at N_k. Positions
+     outside the block, older than the band, keep their value.
 For 'raster' the same loop is LlamaGen's next-token sampler: step 0 feeds the class token,
 whose output predicts position 0; step t feeds token t-1 and predicts token t.
 
@@ -22,8 +26,9 @@ Because every step writes exactly the keys/values that the teacher-forced forwar
 equal to the canvas before that step), greedy sampling (top_k=1) reproduces that forward's
 argmax exactly, up to float rounding.
 
-Cost (per image and CFG branch): num_class_tokens + sum_k |C_k| token-forwards in K sequential
-calls, plus the padding that `sampling_plan` reports, against H*W tokens in H*W calls for raster.
+Cost (per image and CFG branch): num_class_tokens + sum_k (|K_k| + |N_k|) token-forwards in K
+sequential calls (sum_k |C_k| = 1629 for euclidean-13 with b = None, 512 with b = 1), plus the
+padding that `sampling_plan` reports, against H*W tokens in H*W calls for raster.
 Raster at small batch is bound by reading every weight once per token; the ring kinds by
 matmul FLOPs and by the attention over the cache (a step attends over every earlier block).
 The categorical draw costs one random number per code per sampled position: with
@@ -68,9 +73,11 @@ class SamplerState:
     step: jax.Array
 
 
-def plan_for_config(schedule: schedules.RingSchedule, model_config) -> SamplingPlan:
-    """The plan that `sample` uses for this schedule and model (slot cost from the width)."""
-    return sampling_plan(schedule, model_config.cls_token_num,
+def plan_for_config(schedule: schedules.RingSchedule, model_config,
+                    correction_band: int | None = None) -> SamplingPlan:
+    """The plan that `sample` uses for this schedule, band and model (slot cost from the
+    width). correction_band: None (whole known area) or an int >= 1."""
+    return sampling_plan(schedule, model_config.cls_token_num, correction_band=correction_band,
                          slot_cost=slot_cost_for_dim(model_config.dim))
 
 
@@ -152,13 +159,13 @@ def _grow_cache(cache, length: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "config", "schedule", "use_cfg", "cfg_schedule", "top_k", "use_top_p", "correct",
-    "return_canvases"))
+    "config", "schedule", "correction_band", "use_cfg", "cfg_schedule", "top_k", "use_top_p",
+    "correct", "return_canvases"))
 def _sample_jit(params, labels_B, rng, cfg_scale, temperature, top_p, fixed_codes_BN,
-                fixed_mask_BN, *, config, schedule, use_cfg, cfg_schedule, top_k, use_top_p,
-                correct, return_canvases):
+                fixed_mask_BN, *, config, schedule, correction_band, use_cfg, cfg_schedule, top_k,
+                use_top_p, correct, return_canvases):
     """Traced body of `sample` (arguments already validated; see `sample`)."""
-    plan = plan_for_config(schedule, config)
+    plan = plan_for_config(schedule, config, correction_band)
     model = transformer.Transformer(config)
     compute_dtype = jnp.dtype(config.dtype)
     if compute_dtype != jnp.float32:
@@ -292,7 +299,8 @@ def _check_fixed(fixed_codes, fixed_mask, batch: int, grid, vocab_size: int):
 def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, *,
            cfg_scale: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, correct: bool = True,
-           return_canvases: bool = False, fixed_codes=None, fixed_mask=None):
+           return_canvases: bool = False, fixed_codes=None, fixed_mask=None,
+           correction_band: int | None = None):
     """Generates token maps with the KV-cached ring sampler (or LlamaGen's, for 'raster').
 
     Args:
@@ -307,23 +315,30 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
         the last; see `cfg_scales`).
       temperature, top_k, top_p: applied in that order (see `filter_logits`); top_k=1 is
         greedy and deterministic.
-      correct: True re-predicts and replaces the known area at every step; False writes only
+      correct: True re-predicts and replaces the known band at every step; False writes only
         the new ring (no effect on 'raster').
       return_canvases: also return the canvas after every step.
       fixed_codes, fixed_mask: (B, H, W) int / bool, both or neither (editing, out-painting):
         masked positions hold fixed_codes from the start and after every step, so known-area
         inputs always carry them and the output keeps them.
+      correction_band: None (re-feed the whole known area C_{k-1} at every step, the paper) or
+        an int b >= 1 (re-feed only rings k-b..k-1; older rings keep their tokens and stay
+        visible through the KV cache). Use the band the model was trained with. Ignored by
+        'raster'; b >= K-1 equals None (and shares its compiled sampler).
 
     Returns:
       codes (B, H, W) int32; with return_canvases also canvases (K, B, H, W) int32, the canvas
       after each of the K steps: C_k filled, fixed positions at their codes, -1 elsewhere.
 
     Raises:
-      ValueError: out-of-range labels or options, a schedule on another grid, bad fixed_*.
+      ValueError: out-of-range labels or options, a schedule on another grid, bad fixed_*,
+        a correction_band that is not None or an int >= 1.
     """
     config = _frozen_config(model_config)
     labels_B = _check_labels(labels, config.num_classes)
     _check_options(config, schedule, cfg_scale, cfg_schedule, temperature, top_k, top_p)
+    # The effective band is the jit key: b >= K-1 lays out exactly like None.
+    band = schedules.effective_correction_band(schedule, correction_band)
     if cfg_scale != 1.0 and config.class_dropout_prob <= 0:
         raise ValueError(f"cfg_scale={cfg_scale} needs the null class, but this model has none "
                          "(class_dropout_prob=0): use cfg_scale=1.0")
@@ -332,7 +347,7 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
     codes, canvases = _sample_jit(
         params, labels_B, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
         jnp.float32(top_p), fixed_codes_BN, fixed_mask_BN, config=config, schedule=schedule,
-        use_cfg=cfg_scale != 1.0, cfg_schedule=cfg_schedule,
+        correction_band=band, use_cfg=cfg_scale != 1.0, cfg_schedule=cfg_schedule,
         top_k=0 if int(top_k) == config.vocab_size else int(top_k), use_top_p=top_p < 1.0,
         correct=bool(correct) or schedule.is_next_token, return_canvases=bool(return_canvases))
     return (codes, canvases) if return_canvases else codes

@@ -1,16 +1,20 @@
 """Static plans of the KV-cached sampler: what each step feeds, where it goes, what it sees.
 
-The sampler (`radar_jax.sampling`) runs the teacher-forcing layout of a schedule
-(`schedules.layout_metadata`) one *sampler step* at a time against a KV cache:
+The sampler (`radar_jax.sampling`) runs the teacher-forcing layout of a schedule and a
+correction band (`schedules.layout_metadata(schedule, n, correction_band)`) one *sampler step*
+at a time against a KV cache:
 
-  ring kinds  step k feeds block B_k (the class tokens join step 0, whose block is then
-              [class, center prompt]); K steps, one per ring.
+  ring kinds  step k feeds block B_k = known band K_k + new ring N_k (the class tokens join
+              step 0, whose block is then [class, center prompt]); K steps, one per ring.
   'raster'    step 0 feeds the class token(s), whose output predicts position 0; step t >= 1
               feeds token t-1 at its own RoPE position and predicts token t; H*W steps.
 
 Step k occupies the layout's index range [offset_k, offset_k + L_k) and writes its keys/values
 into exactly those cache slots, so the cache is the packed training sequence and the mask of a
-step is a slice of the training mask: rows of its block, columns of the cache.
+step is a slice of the training mask: rows of its block, columns of the cache. Training and
+sampling therefore cannot disagree about the band: both read it from the same layout. A step
+writes samples only at its block's positions, so with a band a position that left the band
+keeps its value, and later steps see it through the keys/values of the blocks that fed it.
 
 `lax.scan` needs one block shape per scan, so the steps are bucketed into a few contiguous
 groups; a group pads every block to its longest block P_g and attends over a cache of S_g slots
@@ -98,11 +102,14 @@ class SamplingPlan:
     Attributes:
       schedule: the RingSchedule.
       num_class_tokens: class tokens at the head of the sequence.
+      correction_band: the effective band of the layout (`schedules.effective_correction_band`):
+        None = the whole known area is re-fed at every step.
       block_lens: (K,) int, real tokens fed at each sampler step (class tokens in step 0).
       offsets: (K,) int, first cache slot (= layout index) of each step's block.
       groups: the StepGroups, in step order.
       useful_token_forwards: real tokens fed per image and CFG branch: num_class_tokens +
-        sum_k |C_k| for ring kinds, num_class_tokens + H*W - 1 for raster.
+        sum_k (|K_k| + |N_k|) for ring kinds (sum_k |C_k| without a band), num_class_tokens +
+        H*W - 1 for raster.
       padded_token_forwards: padding tokens fed per image and CFG branch.
       num_forward_passes: K, the sequential transformer calls per image.
       useful_slot_queries / computed_slot_queries: sum over steps of (queries x cache slots)
@@ -111,6 +118,7 @@ class SamplingPlan:
 
     schedule: schedules.RingSchedule
     num_class_tokens: int
+    correction_band: int | None
     block_lens: np.ndarray
     offsets: np.ndarray
     groups: tuple[StepGroup, ...]
@@ -154,7 +162,8 @@ class SamplingPlan:
 
     def summary(self) -> dict:
         """JSON-friendly figures for benchmarks and logs."""
-        return dict(num_forward_passes=self.num_forward_passes,
+        return dict(correction_band=self.correction_band,
+                    num_forward_passes=self.num_forward_passes,
                     useful_token_forwards=self.useful_token_forwards,
                     padded_token_forwards=self.padded_token_forwards,
                     padding_waste=round(self.padding_waste, 4),
@@ -220,13 +229,16 @@ def _sampler_steps(schedule, layout) -> np.ndarray:
 
 
 def sampling_plan(schedule: schedules.RingSchedule, num_class_tokens: int = 1, *,
-                  slot_cost: float = DEFAULT_SLOT_COST, group_cost: float | None = None,
+                  correction_band: int | None = None, slot_cost: float = DEFAULT_SLOT_COST,
+                  group_cost: float | None = None,
                   max_groups: int = DEFAULT_MAX_GROUPS) -> SamplingPlan:
-    """Static plan of the KV-cached sampler for `schedule`.
+    """Static plan of the KV-cached sampler for `schedule` and `correction_band`.
 
     Args:
       schedule: any RingSchedule ('raster' gives LlamaGen's next-token order).
       num_class_tokens: class tokens at the head of the sequence (1 for c2i models).
+      correction_band: None (re-feed the whole known area, the paper) or an int b >= 1 (re-feed
+        the last b rings); ignored by 'raster'. The model should be trained with the same band.
       slot_cost, group_cost, max_groups: the grouping cost model (see `group_steps`);
         group_cost None means DEFAULT_GROUP_COST_FRACTION of the useful token-forwards, at
         least MIN_GROUP_COST.
@@ -237,7 +249,8 @@ def sampling_plan(schedule: schedules.RingSchedule, num_class_tokens: int = 1, *
     if not isinstance(schedule, schedules.RingSchedule):
         raise ValueError(f"schedule must be a RingSchedule (from schedules.make_schedule), got "
                          f"{type(schedule).__name__}")
-    layout = schedules.layout_metadata(schedule, num_class_tokens)
+    band = schedules.effective_correction_band(schedule, correction_band)
+    layout = schedules.layout_metadata(schedule, num_class_tokens, band)
     step_L = _sampler_steps(schedule, layout)
     num_steps = int(step_L.max()) + 1
     block_lens = np.bincount(step_L, minlength=num_steps)
@@ -298,4 +311,5 @@ def sampling_plan(schedule: schedules.RingSchedule, num_class_tokens: int = 1, *
     # Every canvas position must be generated exactly once, at the step of its ring.
     first_writes = sum(g.arrays["writes_new"].sum(axis=0, dtype=np.int64) for g in groups)
     assert np.all(first_writes == 1), "each canvas position must be generated exactly once"
-    return SamplingPlan(schedule, int(num_class_tokens), block_lens, offsets, tuple(groups))
+    return SamplingPlan(schedule, int(num_class_tokens), band, block_lens, offsets,
+                        tuple(groups))

@@ -2,8 +2,9 @@
 
 The KV-cached sampler is checked against a slow reference written here: at every step it runs
 the full, uncached Transformer forward over the whole teacher-forced layout
-(`schedules.train_layout`), with each block's known inputs set to the canvas as it was before
-that block's step, takes the argmax at the block's positions and writes it back. Greedy
+(`schedules.train_layout`, with the case's correction band), with each block's known inputs set
+to the canvas as it was before that block's step, takes the argmax at the block's positions and
+writes it back (so positions outside the block keep their value). Greedy
 decoding must give exactly the same tokens at every step. The raster sampler must also
 reproduce the reference PyTorch LlamaGen's greedy `generate` (../shared/fixtures).
 """
@@ -38,22 +39,37 @@ def tiny():
     return config, jax.device_put(jax.tree_util.tree_unflatten(treedef, redrawn))
 
 
-@pytest.fixture(scope="module")
-def full_forward(tiny):
+def _forward(config, params):
     """Jitted uncached forward over a whole layout: (tokens, labels, layout...) -> logits."""
-    config, params = tiny
     model = T.Transformer(config)
     return jax.jit(lambda tokens, labels, flat_pos, is_new, is_class, mask: model.apply(
         {"params": params}, tokens, labels, flat_pos, is_new, is_class, mask)[0])
 
 
+@pytest.fixture(scope="module")
+def full_forward(tiny):
+    config, params = tiny
+    return _forward(config, params)
+
+
+# A non-square grid for the same tiny weights (no parameter depends on the grid or length).
+GRID_6X9 = (6, 9)
+
+
+@pytest.fixture(scope="module")
+def tiny_6x9(tiny):
+    """(config, params, full forward) of the tiny model on a 6x9 grid."""
+    config = T.model_config("tiny", grid=GRID_6X9, block_size=54)
+    return config, tiny[1], _forward(config, tiny[1])
+
+
 def reference_greedy(full_forward, config, schedule, labels, cfg_scale=1.0, linear=False,
-                     correct=True, fixed_codes=None, fixed_mask=None):
+                     correct=True, fixed_codes=None, fixed_mask=None, correction_band=None):
     """Slow greedy sampler: one full teacher-forced forward per step, no cache, no padding.
 
     Returns (codes (B, H, W), canvases (K, B, H, W)), -1 where nothing is generated yet.
     """
-    lay = schedules.train_layout(schedule)
+    lay = schedules.train_layout(schedule, correction_band=correction_band)
     batch, num_pos = len(labels), schedule.grid[0] * schedule.grid[1]
     raster = schedule.kind == "raster"
     # Raster: index 0 (class) predicts position 0, index i feeds token i-1 and predicts i.
@@ -98,35 +114,48 @@ def _fixed_center(grid, batch, vocab, seed=5):
     return codes, mask
 
 
-# (schedule kind, cfg_scale, linear cfg, correct, fixed region). Few cases: each ring case is a
-# compile of the sampler (several scan bodies); raster compiles are cheap.
+# (schedule kind, cfg_scale, linear cfg, correct, fixed region, correction band, grid). Few
+# cases: each ring case is a compile of the sampler (several scan bodies); raster compiles are
+# cheap. The band cases cover each b in {1, 2, None} on euclidean, crops and the 6x9 grid, each
+# b with CFG on and off and with correct=False somewhere, in 7 compiles instead of 36.
 CASES = {
-    "euclidean": ("euclidean", 1.0, False, True, False),
-    "euclidean-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False),
-    "crops-cfg-fixed": ("crops", 3.0, False, True, True),
-    "crops-nocorrect": ("crops", 1.0, False, False, False),
-    "raster": ("raster", 1.0, False, True, False),
-    "raster-cfg": ("raster", 2.5, False, True, False),
+    "euclidean": ("euclidean", 1.0, False, True, False, None, None),
+    "euclidean-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, None, None),
+    "crops-cfg-fixed": ("crops", 3.0, False, True, True, None, None),
+    "crops-nocorrect": ("crops", 1.0, False, False, False, None, None),
+    "raster": ("raster", 1.0, False, True, False, None, None),
+    "raster-cfg": ("raster", 2.5, False, True, False, None, None),
+    "euclidean-b1": ("euclidean", 1.0, False, True, False, 1, None),
+    "euclidean-b2-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, 2, None),
+    "crops-b1-cfg-fixed": ("crops", 3.0, False, True, True, 1, None),
+    "crops-b2-nocorrect": ("crops", 1.0, False, False, False, 2, None),
+    "euclidean6x9-cfg": ("euclidean", 2.0, False, True, False, None, GRID_6X9),
+    "euclidean6x9-b1-cfg-nocorrect": ("euclidean", 2.0, False, False, False, 1, GRID_6X9),
+    "euclidean6x9-b2": ("euclidean", 1.0, False, True, False, 2, GRID_6X9),
 }
 
 
 @pytest.fixture(scope="module")
-def greedy_runs(tiny, full_forward):
+def greedy_runs(tiny, full_forward, tiny_6x9):
     """For each case: (schedule, sampler codes, sampler canvases, reference codes/canvases)."""
-    config, params = tiny
     runs = {}
-    for name, (kind, cfg_scale, linear, correct, fixed) in CASES.items():
+    for name, (kind, cfg_scale, linear, correct, fixed, band, grid) in CASES.items():
+        config, params = tiny
+        forward = full_forward
+        if grid is not None:
+            config, params, forward = tiny_6x9
         schedule = schedules.make_schedule(kind, config.grid)
         fixed_codes, fixed_mask = (_fixed_center(config.grid, len(LABELS), config.vocab_size)
                                    if fixed else (None, None))
         codes, canvases = sampling.sample(
             params, config, schedule, LABELS, jax.random.key(0), cfg_scale=cfg_scale,
             cfg_schedule="linear" if linear else "constant", top_k=1, correct=correct,
-            return_canvases=True, fixed_codes=fixed_codes, fixed_mask=fixed_mask)
+            return_canvases=True, fixed_codes=fixed_codes, fixed_mask=fixed_mask,
+            correction_band=band)
         ref_codes, ref_canvases = reference_greedy(
-            full_forward, config, schedule, LABELS, cfg_scale, linear, correct, fixed_codes,
-            fixed_mask)
-        runs[name] = dict(schedule=schedule, codes=np.asarray(codes),
+            forward, config, schedule, LABELS, cfg_scale, linear, correct, fixed_codes,
+            fixed_mask, band)
+        runs[name] = dict(schedule=schedule, band=band, codes=np.asarray(codes),
                           canvases=np.asarray(canvases), ref_codes=ref_codes,
                           ref_canvases=ref_canvases, fixed=(fixed_codes, fixed_mask))
     return runs
@@ -138,13 +167,36 @@ def greedy_runs(tiny, full_forward):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_sampler_equals_uncached_reference(greedy_runs, case):
     run = greedy_runs[case]
-    assert run["codes"].dtype == np.int32 and run["codes"].shape == (2, 8, 8)
+    assert run["codes"].dtype == np.int32 and run["codes"].shape == (2, *run["schedule"].grid)
     # Every step, not only the end: a wrong mask or cache slot shows up as soon as it happens.
     np.testing.assert_array_equal(run["canvases"], run["ref_canvases"])
     np.testing.assert_array_equal(run["codes"], run["ref_codes"])
     # A random model with a live head must not collapse onto one token (that would make the
     # equality above vacuous).
     assert len(np.unique(run["codes"])) >= 16
+
+
+def test_band_cases_are_distinct_from_the_full_known_area(greedy_runs):
+    # The band must change what the model sees: otherwise the band cases would only repeat the
+    # b = None ones.
+    for banded, full in (("euclidean-b1", "euclidean"), ("euclidean6x9-b2", "euclidean6x9-cfg"),
+                         ("crops-b2-nocorrect", "crops-nocorrect")):
+        assert np.any(greedy_runs[banded]["codes"] != greedy_runs[full]["codes"]), banded
+
+
+def test_rings_that_left_the_band_keep_their_value(greedy_runs):
+    # With correction on, step k re-predicts rings k-b..k-1 only: older rings are frozen, and
+    # the band itself does get corrected at some step.
+    for name in ("euclidean-b1", "crops-b1-cfg-fixed", "euclidean6x9-b2"):
+        run = greedy_runs[name]
+        schedule, band, canvases = run["schedule"], run["band"], run["canvases"]
+        corrected = False
+        for k in range(1, schedule.num_steps):
+            old = schedule.ring_map < k - band
+            np.testing.assert_array_equal(canvases[k][:, old], canvases[k - 1][:, old])
+            in_band = (schedule.ring_map >= k - band) & (schedule.ring_map < k)
+            corrected |= bool(np.any(canvases[k][:, in_band] != canvases[k - 1][:, in_band]))
+        assert corrected, name
 
 
 def test_plans_of_the_tested_cases_use_several_padded_groups(tiny):
@@ -171,11 +223,13 @@ def test_correction_changes_the_known_area(greedy_runs):
 
 
 def test_canvas_after_step_k_fills_exactly_c_k(greedy_runs):
-    for name in ("euclidean", "crops-nocorrect", "raster"):
+    for name in ("euclidean", "crops-nocorrect", "raster", "euclidean-b1",
+                 "euclidean6x9-b1-cfg-nocorrect"):
         run = greedy_runs[name]
         schedule = run["schedule"]
         num_steps = run["canvases"].shape[0]
-        assert num_steps == (64 if schedule.kind == "raster" else schedule.num_steps)
+        assert num_steps == (schedule.grid[0] * schedule.grid[1] if schedule.kind == "raster"
+                             else schedule.num_steps)
         for k in range(num_steps):
             filled = run["canvases"][k] >= 0
             np.testing.assert_array_equal(filled, np.broadcast_to(schedule.canvas(k),
@@ -183,8 +237,9 @@ def test_canvas_after_step_k_fills_exactly_c_k(greedy_runs):
         np.testing.assert_array_equal(run["canvases"][-1], run["codes"])
 
 
-def test_fixed_codes_are_kept_at_every_step(greedy_runs):
-    run = greedy_runs["crops-cfg-fixed"]
+@pytest.mark.parametrize("case", ["crops-cfg-fixed", "crops-b1-cfg-fixed"])
+def test_fixed_codes_are_kept_at_every_step(greedy_runs, case):
+    run = greedy_runs[case]
     fixed_codes, fixed_mask = run["fixed"]
     np.testing.assert_array_equal(run["codes"][fixed_mask], fixed_codes[fixed_mask])
     for canvas in run["canvases"]:
@@ -273,18 +328,39 @@ def test_padding_waste_under_a_quarter(kind, side, kw, steps, useful):
         assert plan.padded_token_forwards / plan.useful_token_forwards < 0.25
 
 
+# (schedule kind, kw, band, useful token-forwards): 1 + sum_k (|K_k| + |N_k|), hand-computed in
+# test_layouts.py from the ring sizes (b = 1: 1 + 2*256 - |N_{K-1}|).
+BANDED_PLANS = [("euclidean", {}, 1, 512), ("euclidean", {}, 2, 763),
+                ("crops", {"preset": "crops10"}, 1, 426), ("crops", {"preset": "crops10"}, 2, 526)]
+
+
+@pytest.mark.parametrize("kind,kw,band,useful", BANDED_PLANS)
+def test_banded_plans_feed_the_banded_layout_with_little_padding(kind, kw, band, useful):
+    schedule = schedules.make_schedule(kind, 16, **kw)
+    plan = sampling.plan_for_config(schedule, T.model_config("B"), band)
+    assert plan.correction_band == band and plan.num_forward_passes == schedule.num_steps
+    assert plan.useful_token_forwards == useful == plan.cache_len
+    assert plan.summary()["correction_band"] == band
+    assert plan.padding_waste < 0.1
+    # A band of K-1 rings or more is the full known area, and plans say so.
+    full = sampling.plan_for_config(schedule, T.model_config("B"), schedule.num_steps - 1)
+    assert full.correction_band is None and full.useful_token_forwards == 1 + int(
+        schedule.canvas_sizes.sum())
+
+
 def test_raster_plan_is_one_token_per_step():
     plan = sampling_plan.sampling_plan(schedules.make_schedule("raster", 16))
     assert plan.num_forward_passes == 256 and plan.padded_token_forwards == 0
     assert plan.block_lens.tolist() == [1] * 256
 
 
-@pytest.mark.parametrize("kind", ["euclidean", "crops", "raster"])
-def test_plan_masks_are_the_training_mask_and_hide_padding(kind):
+@pytest.mark.parametrize("kind,band", [("euclidean", None), ("crops", None), ("raster", None),
+                                       ("euclidean", 1), ("crops", 2)])
+def test_plan_masks_are_the_training_mask_and_hide_padding(kind, band):
     schedule = schedules.make_schedule(kind, 8)
-    lay = schedules.train_layout(schedule)
+    lay = schedules.train_layout(schedule, correction_band=band)
     length = len(lay["step"])
-    plan = sampling_plan.sampling_plan(schedule, slot_cost=1 / 64)
+    plan = sampling_plan.sampling_plan(schedule, slot_cost=1 / 64, correction_band=band)
     for group in plan.groups:
         for i, k in enumerate(group.arrays["step"]):
             lo, real = plan.offsets[k], plan.block_lens[k]
@@ -327,6 +403,8 @@ def test_group_steps_dynamic_program_hand_case():
     ({"top_k": 65}, [1], ["top_k", "[0, 64]"]),
     ({"cfg_schedule": "cosine"}, [1], ["cfg_schedule", "linear"]),
     ({"fixed_codes": np.zeros((1, 8, 8), np.int32)}, [1], ["fixed_mask"]),
+    ({"correction_band": 0}, [1], ["correction_band=0", "int >= 1", "None"]),
+    ({"correction_band": "all"}, [1], ["correction_band='all'"]),
 ])
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, labels, words):
     config, params = tiny
