@@ -22,9 +22,9 @@ For 'raster' the same loop is LlamaGen's next-token sampler: step 0 feeds the cl
 whose output predicts position 0; step t feeds token t-1 and predicts token t.
 
 Because every step writes exactly the keys/values that the teacher-forced forward over
-`schedules.train_layout(schedule)` computes at those indices (with each block's known inputs
-equal to the canvas before that step), greedy sampling (top_k=1) reproduces that forward's
-argmax exactly, up to float rounding.
+`schedules.train_layout(schedule, correction_band=b)` computes at those indices (with each
+block's known inputs equal to the canvas before that step), greedy sampling (top_k=1)
+reproduces that forward's argmax exactly, up to float rounding.
 
 Cost (per image and CFG branch): num_class_tokens + sum_k (|K_k| + |N_k|) token-forwards in K
 sequential calls (sum_k |C_k| = 1629 for euclidean-13 with b = None, 512 with b = 1), plus the

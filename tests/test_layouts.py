@@ -108,7 +108,8 @@ def test_padded_mask_inside_jit_matches_numpy():
     reference = schedules.train_layout(merged)
     real = len(reference["step"])
     padded = schedules.pad_layout(schedules.layout_metadata(merged), full_len)
-    assert padded["valid"].sum() == real and padded["step"][real:].min() > padded["step"][:real].max()
+    assert padded["valid"].sum() == real
+    assert padded["step"][real:].min() > padded["step"][:real].max()
 
     @jax.jit
     def mask_fn(step, is_new, is_class, valid):
