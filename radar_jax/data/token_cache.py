@@ -108,30 +108,33 @@ def _normalised_meta(meta: dict[str, Any], who: str) -> dict[str, Any]:
         raise ValueError(f"{who}: meta must be JSON-serialisable ({e}).") from e
 
 
+def _first_record_outside(arr: np.ndarray, low: int, high: int) -> tuple[int, int] | None:
+    """(record index, value) of the first element of int (N, ...) `arr` outside [low, high],
+    or None. min/max first: the masks are built only when something is wrong."""
+    if arr.size == 0 or (arr.min() >= low and arr.max() <= high):
+        return None
+    flat = arr.reshape(len(arr), -1)
+    bad = (flat < low) | (flat > high)
+    i = int(np.flatnonzero(bad.any(axis=1))[0])
+    return i, int(flat[i][bad[i]][0])
+
+
 def _check_arrays(codes: np.ndarray, labels: np.ndarray, vocab_size: int | None, who: str):
+    """Shapes (N, h, w) / (N,), int dtypes, labels >= 0, 0 <= codes < vocab_size (or int32)."""
     if codes.ndim != 3 or labels.shape != codes.shape[:1]:
         raise ValueError(f"{who}: codes {codes.shape} and labels {labels.shape}; expected codes "
                          "(N, h, w) and labels (N,).")
-    for name, arr in (("codes", codes), ("labels", labels)):
+    int32_max = int(np.iinfo(np.int32).max)
+    for name, arr, high in (("code", codes, int32_max if vocab_size is None else vocab_size - 1),
+                            ("label", labels, int32_max)):
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{who}: {name} has dtype {arr.dtype}; expected ints.")
-        if arr.size == 0:
-            continue
-        per_record = arr.reshape(len(arr), -1)
-        for bad, what in ((per_record < 0, "is negative"),
-                          (per_record > np.iinfo(np.int32).max, "does not fit int32")):
-            if bad.any():
-                rows = bad.any(axis=1)
-                i = int(np.flatnonzero(rows)[0])
-                value = int(per_record[i][bad[i]][0])
-                raise ValueError(f"{who}: record {i} has {name[:-1]} {value}, which {what}; "
-                                 "fix the encoder's output.")
-    if vocab_size is not None and codes.size:
-        rows = (codes.reshape(len(codes), -1) >= vocab_size).any(axis=1)
-        if rows.any():
-            i = int(np.flatnonzero(rows)[0])
-            raise ValueError(f"{who}: record {i} has code {int(codes[i].max())} >= vocab_size="
-                             f"{vocab_size}; encode with the tokenizer whose codebook this is.")
+            raise ValueError(f"{who}: {name}s have dtype {arr.dtype}; expected ints.")
+        bad = _first_record_outside(arr, 0, high)
+        if bad is not None:
+            limit = (f">= vocab_size={vocab_size}; encode with the tokenizer whose codebook this "
+                     "is" if name == "code" and vocab_size is not None and bad[1] >= 0
+                     else f"outside [0, {high}]; fix the encoder's output")
+            raise ValueError(f"{who}: record {bad[0]} has {name} {bad[1]} {limit}.")
 
 
 def write_token_shard(path: Any, shard_id: int, codes: np.ndarray, labels: np.ndarray, *,
@@ -140,6 +143,8 @@ def write_token_shard(path: Any, shard_id: int, codes: np.ndarray, labels: np.nd
 
     Atomic: codes, labels, then the shard's commit record shard-<id>.json, each under a temp
     name unique to this process and renamed into place. Rewriting a shard id replaces it.
+    A process may write several shards to bound its memory (e.g. shard_id = chunk *
+    process_count + process_index); finalize then expects all ids 0..K-1.
 
     Args:
       path: the cache directory (local or gs://; created if missing).

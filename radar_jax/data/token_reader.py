@@ -22,11 +22,13 @@ import numpy as np
 from radar_jax.data.token_cache import _atomic_write
 from radar_jax.data.token_cache import _check_arrays
 from radar_jax.data.token_cache import FORMAT_VERSION
+from radar_jax.data.token_cache import IncompleteTokenCacheError
 from radar_jax.data.token_cache import is_remote
 from radar_jax.data.token_cache import META_FILE
 from radar_jax.data.token_cache import rebuild_hint
 
 _CHUNK = 1 << 16  # records per chunk when scanning a shard: bounded memory
+
 
 def _copy_file(src: epath.Path, dst: epath.Path) -> None:
     with src.open("rb") as f:
@@ -72,7 +74,6 @@ class TokenCache:
           ValueError: corrupt, of another format version, or shards not matching meta.json.
         """
         self.path = str(path)
-        self._local_dir = local_dir
         root = epath.Path(path)
         if not root.exists():
             raise FileNotFoundError(
@@ -89,17 +90,16 @@ class TokenCache:
         try:
             info = json.loads(meta_text)
             version = info["format_version"]
+            if version == FORMAT_VERSION:
+                self.info, self.meta = info, info["meta"]
+                self.grid, self.dtype = tuple(info["grid"]), np.dtype(info["dtype"])
+                self.shard_lengths = [int(s["length"]) for s in info["shards"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"token cache {self.path}: {META_FILE} is corrupt ({e}); "
+            raise ValueError(f"token cache {self.path}: {META_FILE} is corrupt ({e!r}); "
                              f"{rebuild_hint(self.path)}.") from e
         if version != FORMAT_VERSION:
             raise ValueError(f"token cache {self.path} has format version {version}, this code "
                              f"reads {FORMAT_VERSION}; {rebuild_hint(self.path)}.")
-        self.info = info
-        self.meta = info["meta"]
-        self.grid = tuple(info["grid"])
-        self.dtype = np.dtype(info["dtype"])
-        self.shard_lengths = [int(s["length"]) for s in info["shards"]]
         self._local = _local_copy(root, meta_text, info, local_dir) if is_remote(root) else root
         self._in_memory = False
         self._open_shards()
@@ -111,7 +111,7 @@ class TokenCache:
         codes, labels = np.asarray(codes), np.asarray(labels)
         _check_arrays(codes, labels, None, "TokenCache.from_arrays")
         self = cls.__new__(cls)
-        self.path, self._local_dir = "<in memory>", None
+        self.path = "<in memory>"
         self._set_arrays(codes, labels, meta or {})
         return self
 
@@ -224,7 +224,8 @@ class TokenCache:
                 bad |= chunk >= num_classes
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                bound = f"[0, {num_classes}) (config.model.num_classes)" if num_classes else ">= 0"
+                bound = (f"in [0, {num_classes}) (config.model.num_classes)" if num_classes
+                         else ">= 0")
                 raise ValueError(
                     f"token cache {self.path}: record {start + i} has label {int(chunk[i])}; "
                     f"labels must be {bound}. Fix the labels or num_classes; "
