@@ -1,24 +1,28 @@
-"""RadAR-B on ImageNet 256x256: LlamaGen's GPT-B shape (RADAR.md "Model sizes"), euclidean rings.
+"""RadAR-B on ImageNet 256x256: an alias of configs/imagenet.py:B (see that file).
 
   python -m radar_jax.main --config=configs/b.py --workdir=gs://BUCKET/radar_b \
       --config.tokenizer.init_from=/path/to/vq_ds16_c2i.pt \
       --config.tokenizer.data.tfds_data_dir=/path/to/tensorflow_datasets
 
-Stages: convert LlamaGen's VQ-16 (or fine-tune it with --config.tokenizer.num_steps=N), encode
-ImageNet once with ten crops, train RadAR (111M total; 300 epochs at batch 256 with AdamW
-0.9/0.95, lr 1e-4, wd 0.05, clip 1.0, bf16, RNI and RDS), then sample. Needs ImageNet prepared
-for TFDS (imagenet2012): without it the run stops at once and says how to prepare it. Scale out
-with --config.mesh.fsdp=N for FSDP or --config.mesh.tensor=N for tensor parallelism.
-`python configs/b.py` prints the parameter count.
+behaves exactly as --config=configs/imagenet.py:B. `python configs/b.py` prints the size.
 """
 
-from radar_jax import config_defaults as cd
+import importlib.util
+import os
+
+# configs/ is not a package: load the one ImageNet config by its path.
+_spec = importlib.util.spec_from_file_location(
+    "radar_jax_imagenet_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "imagenet.py"))
+_imagenet = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_imagenet)
 
 
 def get_config(arg=None):
     del arg
-    return cd.imagenet_pipeline("B")
+    return _imagenet.get_config("B")
 
 
 if __name__ == "__main__":
+    from radar_jax import config_defaults as cd
     print(cd.param_summary("RadAR-B", get_config()))

@@ -25,20 +25,20 @@ from radar_jax import config_defaults as cd
 from radar_jax.models import transformer
 
 
-def _tokenizer_config():
-    # The same tokenizer as configs/demo_vq.py (loaded by path: configs/ is not a package).
+def _demo_vq():
+    # configs/demo_vq.py, whose tokenizer this is (loaded by path: configs/ is not a package).
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_vq.py")
     spec = importlib.util.spec_from_file_location("demo_vq", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
 
 
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.tokenizer = _tokenizer_config()
+    config.tokenizer = _demo_vq().tokenizer()
     config.tokens = cd.tokens(augment="none", batch_size=300)
     # A small LlamaGen-style transformer over the 8x8 grid of a 256-entry codebook.
     config.model = transformer.model_config(

@@ -4,17 +4,28 @@ Trains on a 2-core CPU in a few minutes:
 
   python -m radar_jax.main --config=configs/demo_vq.py --workdir=workdirs/demo_vq --mode=train_vq
 
-It writes workdir/checkpoints, metrics.jsonl, images/recon_*.png (originals on the top row,
-reconstructions below) and eval.json with PSNR, codebook usage, and the accuracy a digit
-classifier fitted on the real 8x8 training digits keeps on reconstructed held-out digits.
-`configs/demo.py` uses this same tokenizer as its first stage.
+It writes workdir/tokenizer/: checkpoints/, metrics.jsonl, images/recon_*.png (originals on
+the top row, reconstructions below), reconstructions.png, params/ and eval.json with PSNR,
+codebook usage, and the accuracy a digit classifier fitted on the real 8x8 training digits
+keeps on reconstructed held-out digits (about 98% of the real digits' accuracy).
+`configs/demo.py` uses this same tokenizer as its first stage, with the same config shape.
 """
+
+import ml_collections
 
 from radar_jax import config_defaults as cd
 
 
 def get_config(arg=None):
     del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.tokenizer = tokenizer()
+    return config
+
+
+def tokenizer():
+    """The digits tokenizer section (configs/demo.py reuses it)."""
     model = cd.vq_model(
         codebook_size=256, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2, 2),
         decoder_ch_mult=(1, 2, 2), z_channels=32, num_res_blocks=1)

@@ -3,14 +3,17 @@
 Fine-tune from LlamaGen's released checkpoint (the file you downloaded, e.g. vq_ds16_c2i.pt):
 
   python -m radar_jax.main --config=configs/vq16.py --workdir=gs://BUCKET/vq16 --mode=train_vq \
-      --config.init_from=/path/to/vq_ds16_c2i.pt --config.loss.lpips_path=/path/to/lpips_vgg.npz \
-      --config.data.tfds_data_dir=/path/to/tensorflow_datasets
+      --config.tokenizer.init_from=/path/to/vq_ds16_c2i.pt \
+      --config.tokenizer.loss.lpips_path=/path/to/lpips_vgg.npz \
+      --config.tokenizer.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Needs ImageNet prepared for TFDS (`imagenet2012`); without it the run stops at once and says how
 to prepare it. LlamaGen's recipe: batch 128, Adam(0.9, 0.95), lr 1e-4, grad clip 1.0, L2 +
 LPIPS + codebook losses, PatchGAN hinge loss from step 20k. `python configs/vq16.py` builds it,
 prints its parameter count and times a 256x256 encode/decode round trip on this machine.
 """
+
+import ml_collections
 
 from radar_jax import config_defaults as cd
 
@@ -19,8 +22,11 @@ def get_config(arg=None):
     del arg
     data = cd.data("tfds", image_size=256, tfds_name="imagenet2012", random_crop=True, flip=True,
                    num_workers=8)
-    return cd.tokenizer(cd.vq_model(), data, batch_size=128, num_steps=400_000,
-                        eval_batch_size=64, ckpt_every=5000, eval_every=5000)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.tokenizer = cd.tokenizer(cd.vq_model(), data, batch_size=128, num_steps=400_000,
+                                    eval_batch_size=64, ckpt_every=5000, eval_every=5000)
+    return config
 
 
 if __name__ == "__main__":
@@ -33,7 +39,7 @@ if __name__ == "__main__":
 
     from radar_jax.models import vq
 
-    model = vq.VQModel(get_config().model)
+    model = vq.VQModel(get_config().tokenizer.model)
     images = jax.random.uniform(jax.random.key(0), (2, 256, 256, 3), minval=-1.0, maxval=1.0)
     t0 = time.perf_counter()
     params = jax.jit(model.init)(jax.random.key(1), images)["params"]

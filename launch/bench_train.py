@@ -1,10 +1,9 @@
 """Generator training throughput and MFU for the packed RadAR layouts and the raster baseline.
 
-The train step is radar_jax.train's: `sequence_loss` (nested mask from the layout metadata,
-teacher forcing, known/new split) under `value_and_grad`, `make_optimizer`'s AdamW, and the
-same shardings as `train_and_evaluate` (params born sharded by the logical-axis rules, the batch
-split over ('data', 'fsdp'), the state donated). No checkpointing, logging or data pipeline:
-one random batch of codes is fed every step, so the numbers are the step itself.
+The step timed is radar_jax's own: `train_step.make_train_step`, the function train.py runs
+(teacher-forced loss with the nested mask, RNI, gradient accumulation, AdamW, EMA, grad norm,
+the state born sharded by the logical-axis rules and donated). No checkpointing, logging or data
+pipeline: one random batch of codes is fed every step, so the numbers are the step itself.
 
 For each layout: compile time (lower + compile, reported apart), `--warmup` untimed steps, then
 `--steps` timed steps each synchronised with block_until_ready; the median is reported.
@@ -25,7 +24,6 @@ At the end: a table.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
@@ -34,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from radar_jax import config_defaults as cd
 from radar_jax import perf
 from radar_jax import sharding
-from radar_jax import train
+from radar_jax import train_step
+from radar_jax import trainer
 from radar_jax.models import transformer
 
 # name -> config.schedule fields of the benchmarked layouts on a 16x16 grid.
@@ -103,41 +101,16 @@ def pipeline_config(args, layout: str) -> ml_collections.ConfigDict:
 
 
 def build_step(config, mesh, layouts):
-    """(jitted step, initial state, batch + metadata shardings): train.py's update step."""
-    t = config.train
+    """(jitted step, initial state, rules): radar_jax's own update step (train_step.py's
+    make_train_step, the one train.py runs), on a state born sharded as in training."""
     rules = sharding.rules_from_config(config)
     model = transformer.Transformer(config.model)
-    tx = train.make_optimizer(t)
-
-    def init_state(rng):
-        params = transformer.init_params(config.model, rng, unbox=False)
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params), ema_params={})
-
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_state, rng)
-    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda r: nn.meta.unbox(init_state(r)),
-                        out_shardings=state_shardings)(rng)
-
-    loss_fn = functools.partial(train.sequence_loss, model, train=True,
-                                rni_range=tuple(t.rni_range), known_weight=t.known_weight,
-                                raster=layouts.schedule.is_next_token)
-
-    def train_step(state, codes_BN, labels_B, meta):
-        step_rng = jax.random.fold_in(rng, state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, codes_BN, labels_B, meta, step_rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    meta_sh = {k: sharding.replicated(mesh) for k in train.META_KEYS}
-    in_shardings = (state_shardings, sharding.batch_sharding(mesh, 2),
-                    sharding.batch_sharding(mesh, 1), meta_sh)
-    step = jax.jit(train_step, donate_argnums=0, in_shardings=in_shardings,
-                   out_shardings=(state_shardings, None))
+    tx = train_step.make_optimizer(config.train)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    state, state_shardings = trainer.create_sharded_state(
+        train_step.init_fn(config, tx), init_rng, mesh, rules)
+    step = train_step.make_train_step(config, model, tx, mesh, state_shardings, layouts,
+                                      step_rng)
     return step, state, rules
 
 
@@ -156,8 +129,8 @@ def run_case(args, layout: str, peak_flops: float) -> dict:
     config = pipeline_config(args, layout)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(args.batch_size, mesh)
-    schedule = train.schedule_from_config(config)
-    layouts = train.LayoutSampler(schedule, config.train, config.model.cls_token_num)
+    schedule = cd.schedule_from_config(config.schedule, config.model.grid)
+    layouts = train_step.LayoutSampler(schedule, config.train, config.model.cls_token_num)
     seq_len = layouts.length
     step, state, rules = build_step(config, mesh, layouts)
 
@@ -166,7 +139,7 @@ def run_case(args, layout: str, peak_flops: float) -> dict:
     codes_BN, labels_B = sharding.shard_batch(
         (rng.integers(0, config.model.vocab_size, (args.batch_size, n_tokens), np.int32),
          rng.integers(0, config.model.num_classes, (args.batch_size,), np.int32)), mesh)
-    meta = jax.device_put(layouts(0, args.batch_size), sharding.replicated(mesh))
+    meta = jax.device_put(layouts(0, args.batch_size), train_step.meta_shardings(mesh, layouts))
 
     with sharding.mesh_context(mesh), nn.logical_axis_rules(rules):
         t0 = time.perf_counter()

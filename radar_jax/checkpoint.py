@@ -11,13 +11,15 @@ steps. Saves are asynchronous: training continues while the arrays are written.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from radar_jax import fileio
 
 
 class Checkpointer:
@@ -32,7 +34,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"keep={keep}: keep at least one checkpoint.")
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
@@ -81,6 +83,16 @@ class Checkpointer:
         self._manager.close()
 
 
+def latest_step(directory) -> int | None:
+    """The newest finished checkpoint step under `directory` (None when there is none);
+    Orbax's temporary folders of saves in flight are not steps."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return None
+    steps = ocp.utils.checkpoint_steps(directory)
+    return max(steps) if steps else None
+
+
 def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
@@ -92,9 +104,8 @@ def _abstract(x):
 
 def export_params(path: str, params: Any) -> None:
     """Writes a params-only checkpoint (for sampling, the notebook, or sharing weights)."""
-    path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params, force=True)
+        ckptr.save(fileio.path(path), params, force=True)
 
 
 def load_params(path: str, template: Any = None) -> Any:
@@ -104,8 +115,8 @@ def load_params(path: str, template: Any = None) -> Any:
     template's shardings applied. Without one, every array is restored onto this process's first
     device, whatever mesh wrote it: params trained on a pod can be sampled on a laptop.
     """
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = fileio.path(path)
+    if not path.exists():
         raise FileNotFoundError(f"No params checkpoint at {path}: train first, or pass the "
                                 "directory that export_params wrote.")
     with ocp.StandardCheckpointer() as ckptr:

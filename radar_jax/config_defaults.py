@@ -3,11 +3,20 @@
 A config file (configs/*.py) assembles these sections and overrides what its setting needs;
 command-line flags override single fields (`--config.tokenizer.num_steps=10`).
 
+Every config has one shape: a `tokenizer` section (a whole tokenizer training run, with its
+own data), and, for a config that also trains a generator, the sections `tokens`, `model`,
+`schedule`, `train`, `sample` and `mesh`. A tokenizer-only config (configs/demo_vq.py,
+configs/vq16.py) is the same shape with just `seed` and `tokenizer`; the pipeline runs the stages
+whose sections exist (radar_jax/pipeline.py, `stages_of`).
+
 Sections:
-  data       the image dataset (radar_jax/data.py).
-  tokenizer  a whole tokenizer training run (radar_jax/train_vq.py): its own data, model, losses,
-             optimizer, schedule of steps. Tokenizer-only configs (vq16.py, demo_vq.py) are this
-             section at the top level.
+  data       the image dataset (radar_jax/data/).
+  tokenizer  a tokenizer training run (radar_jax/train_vq.py): data, model, losses, optimizer.
+  tokens     the token cache the generator trains on (radar_jax/encode.py).
+  model      the transformer (radar_jax/models/transformer.py, `model_config`).
+  schedule   the ring schedule (radar_jax/schedules.py) and the correction band.
+  train      generator training (radar_jax/train.py, train_step.py).
+  sample     sampling and its quality evaluation (radar_jax/samples.py, quality.py).
   mesh       device mesh sizes (radar_jax/sharding.py).
 """
 
@@ -39,26 +48,11 @@ def mesh(data_axis: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.
 
 
 def vq_model(**overrides) -> ml_collections.ConfigDict:
-    """VQ tokenizer architecture, LlamaGen's field names (radar_jax/models/vq.py).
-
-    Defaults are LlamaGen's VQ-16: 256px images -> 16x16 codes from a 16384 x 8 codebook.
-    """
-    c = ml_collections.ConfigDict()
-    c.codebook_size = 16384        # number of codebook entries
-    c.codebook_embed_dim = 8       # dimension of each code vector
-    c.codebook_l2_norm = True      # l2-normalise codes and latents before the nearest lookup
-    c.codebook_show_usage = True   # report the fraction of codes used per batch
-    c.commit_loss_beta = 0.25      # weight of the commitment loss
-    c.entropy_loss_ratio = 0.0     # weight of the codebook entropy loss (0 = off)
-    c.ch = 128                     # base channel count of encoder and decoder
-    c.encoder_ch_mult = (1, 1, 2, 2, 4)  # channel multiplier per level; len-1 downsamplings
-    c.decoder_ch_mult = (1, 1, 2, 2, 4)
-    c.z_channels = 256             # encoder output channels before quant_conv
-    c.num_res_blocks = 2           # residual blocks per level
-    c.dropout_p = 0.0              # dropout inside residual blocks
-    c.dtype = "float32"            # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-    c.update(overrides)
-    return c
+    """VQ tokenizer architecture under LlamaGen's field names; defaults are LlamaGen's VQ-16
+    (256px -> 16x16 codes from a 16384 x 8 codebook). The fields and their meaning are defined
+    once, in radar_jax/models/vq.py (`vq_config`)."""
+    from radar_jax.models import vq  # pylint: disable=g-import-not-at-top
+    return vq.vq_config(**overrides)
 
 
 def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
@@ -109,8 +103,37 @@ def schedule(kind: str = "euclidean", **overrides) -> ml_collections.ConfigDict:
     c.preset = ""        # crops: 'crops10' or 'crops13' (16x16 grids)
     c.sizes = ()         # crops: explicit nested crop sizes P_1 < ... < P_K = grid side
     c.num_steps = 0      # >0: an evenly spaced sub-ladder with this many steps (0 = all rings)
+    c.correction_band = 0  # rings of the known area re-fed per step: 0 = all (the paper), b >= 1
+                           # = the last b rings (cheaper; docs/method.md, "Correction band")
     c.update(overrides)
     return c
+
+
+def schedule_from_config(s: ml_collections.ConfigDict, grid) -> "schedules.RingSchedule":
+    """The RingSchedule a `schedule` section describes, on the model's token grid `grid`.
+
+    Training builds the schedule here once and records it in the workdir; every later consumer
+    (sampling, evaluation, the notebook) reads that record instead of calling this again.
+    """
+    from radar_jax import schedules  # pylint: disable=g-import-not-at-top
+    kw = {}
+    if s.kind == "crops":
+        if s.get("preset"):
+            kw["preset"] = s.preset
+        if s.get("sizes"):
+            kw["sizes"] = tuple(s.sizes)
+    schedule = schedules.make_schedule(s.kind, tuple(grid), **kw)
+    if s.get("num_steps") and not schedule.is_next_token and s.num_steps != schedule.num_steps:
+        schedule = schedules.sub_ladder(schedule, s.num_steps)
+    return schedule
+
+
+def correction_band(value: int) -> int | None:
+    """A config's correction_band (0 = all) as the schedule layer takes it (None = all)."""
+    if value < 0:
+        raise ValueError(f"correction_band={value}: use 0 (the whole known area, the paper) or "
+                         "a number of rings b >= 1.")
+    return int(value) or None
 
 
 def generator_train(**overrides) -> ml_collections.ConfigDict:
@@ -143,13 +166,19 @@ def generator_train(**overrides) -> ml_collections.ConfigDict:
 
 
 def sampling(**overrides) -> ml_collections.ConfigDict:
-    """Sampling (radar_jax/sampling.py) for --mode=sample and the pipeline's last stage."""
+    """Sampling (radar_jax/samples.py) for --mode=sample, --mode=eval and the notebook.
+
+    This section is the one place to change how a trained generator samples: the schedule, the
+    step count and the band default to what it was trained with (the workdir's record).
+    """
     c = ml_collections.ConfigDict()
     c.labels = ()              # class ids to sample; () = every class in turn
     c.num_per_class = 8        # images per class label
     c.batch_size = 64          # images per sampler call
     c.num_steps = 0            # steps (sub-ladder of the trained schedule); 0 = all rings
-    c.schedule = ""            # override the schedule kind ('' = the trained one)
+    c.schedule = ""            # override the schedule kind ('' = the trained one, read from
+                               # the workdir's generator/schedule.json)
+    c.correction_band = -1     # -1 = as trained; 0 = the whole known area; b >= 1 = last b rings
     c.cfg_scale = 2.0          # classifier-free guidance scale (1 = off)
     c.cfg_schedule = "constant"  # 'constant' | 'linear' (ramp from 1 to cfg_scale over steps)
     c.temperature = 1.0
@@ -168,33 +197,8 @@ def tokens(**overrides) -> ml_collections.ConfigDict:
     c.augment = "none"         # 'none' | 'flip' (+ flipped copies) | 'tencrop' (LlamaGen's 5
                                # crops of a 1.1x resize, each also flipped: 10 maps per image)
     c.batch_size = 256         # encoding batch size
+    c.rebuild = False          # encode again when the cache was written with other settings
     c.update(overrides)
-    return c
-
-
-def imagenet_pipeline(size: str, **train_overrides) -> ml_collections.ConfigDict:
-    """RadAR-{B,L,XL} on ImageNet 256x256 with LlamaGen's VQ-16 tokenizer (configs/b.py, ...).
-
-    The tokenizer stage starts from LlamaGen's released VQ-16 (the .pt you pass as
-    --config.tokenizer.init_from) and, with tokenizer.num_steps=0, only converts and exports it;
-    raise num_steps to fine-tune it first (RadAR fine-tunes it on ImageNet).
-    """
-    from radar_jax.models import transformer  # pylint: disable=g-import-not-at-top
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    data_config = data("tfds", image_size=256, tfds_name="imagenet2012", random_crop=True,
-                       flip=True, num_workers=16)
-    c.tokenizer = tokenizer(vq_model(), data_config, batch_size=128, num_steps=0,
-                            eval_batch_size=64, eval_batches=8, ckpt_every=5000,
-                            eval_every=5000)
-    # LlamaGen encodes ImageNet once with ten crops (5 crops x flips of a 1.1x resize).
-    c.tokens = tokens(augment="tencrop", batch_size=128)
-    c.model = transformer.model_config(size, vocab_size=16384, num_classes=1000,
-                                       block_size=256, grid=(16, 16), dtype="bfloat16")
-    c.schedule = schedule("euclidean")            # 13 rings on 16x16: the paper's 13 steps
-    c.train = generator_train(rni_range=(0.0, 0.1), rds=True, **train_overrides)
-    c.sample = sampling(num_per_class=8, batch_size=32, cfg_scale=2.0)
-    c.mesh = mesh()
     return c
 
 

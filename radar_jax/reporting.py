@@ -10,15 +10,17 @@ interactive terminals.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
+
+from radar_jax import fileio
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -40,67 +42,99 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(path: str, image_uint8: np.ndarray, scale: int = 1) -> str:
-    """Writes an (H, W, 3) uint8 image, optionally upscaled by `scale` (nearest), atomically."""
+def _encoded(img: Image.Image, **save_kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, **save_kw)
+    return buf.getvalue()
+
+
+def save_png(path: fileio.PathLike, image_uint8: np.ndarray, scale: int = 1):
+    """Writes an (H, W, 3) uint8 image, optionally upscaled by `scale` (nearest), atomically;
+    returns its path. `path` may be local or gs://."""
     img = Image.fromarray(np.asarray(image_uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return fileio.write_bytes(path, _encoded(img, format="PNG"))
 
 
-def save_gif(path: str, frames_uint8: list[np.ndarray], duration_ms: int = 400,
-             scale: int = 1) -> str:
+def save_gif(path: fileio.PathLike, frames_uint8: list[np.ndarray], duration_ms: int = 400,
+             scale: int = 1):
     """Writes frames (each (H, W, 3) uint8) as a looping animated GIF; the last frame lingers."""
     imgs = [Image.fromarray(np.asarray(f)) for f in frames_uint8]
     if scale > 1:
         imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
     durations = [duration_ms] * (len(imgs) - 1) + [duration_ms * 4]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=durations,
-                 loop=0)
-    os.replace(tmp, path)
-    return path
+    return fileio.write_bytes(path, _encoded(imgs[0], format="GIF", save_all=True,
+                                             append_images=imgs[1:], duration=durations, loop=0))
+
+
+def save_npz(path: fileio.PathLike, **arrays: np.ndarray):
+    """Writes arrays as an .npz, atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return fileio.write_bytes(path, buf.getvalue())
 
 
 class JsonlWriter:
-    """clu-style MetricWriter: scalars to metrics.jsonl, images to PNG files. No TensorFlow."""
+    """clu-style MetricWriter: scalars to metrics.jsonl, images to PNG files. No TensorFlow.
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
-        os.makedirs(workdir, exist_ok=True)
-        self._workdir = workdir
-        self._file = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+    A local file is appended to; cloud storage cannot append, so for a gs:// workdir the rows
+    are kept and the whole file is rewritten (atomically) at each write: a few MB over a long
+    run, and a reader never sees half a row.
+    """
+
+    def __init__(self, workdir: fileio.PathLike, filename: str = "metrics.jsonl"):
+        self._workdir = fileio.path(workdir)
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        self._path = self._workdir / filename
+        self._local = not str(workdir).startswith(("gs://", "s3://"))
+        if self._local:
+            self._file = open(self._path, "a", encoding="utf-8")
+        else:
+            self._rows = self._path.read_text().splitlines() if self._path.exists() else []
+
+    def _write(self, row: dict):
+        line = json.dumps(row)
+        if self._local:
+            self._file.write(line + "\n")
+            self._file.flush()
+        else:
+            self._rows.append(line)
+            fileio.write_bytes(self._path, ("\n".join(self._rows) + "\n").encode("utf-8"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._write(row)
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]):
         for name, image in images.items():
             image = np.asarray(image)
             if image.ndim == 4:  # a batch: tile it
                 image = image_grid(image, ncol=min(len(image), 8))
-            save_png(os.path.join(self._workdir, "images", f"{name}_{int(step):08d}.png"), image)
+            save_png(self._workdir / "images" / f"{name}_{int(step):08d}.png", image)
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
         for name, text in texts.items():
-            self._file.write(json.dumps({"step": int(step), name: str(text)}) + "\n")
-        self._file.flush()
+            self._write({"step": int(step), name: str(text)})
 
     def write_hparams(self, hparams: Mapping[str, Any]):
-        self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+        self._write({"hparams": {k: str(v) for k, v in hparams.items()}})
 
     def flush(self):
-        self._file.flush()
+        if self._local:
+            self._file.flush()
 
     def close(self):
-        self._file.close()
+        if self._local:
+            self._file.close()
+
+
+class NullWriter:
+    """The writer of every process but 0: metrics are global, so one process writes them."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class MultiWriter:
@@ -116,8 +150,12 @@ class MultiWriter:
         return call
 
 
-def create_writer(workdir: str, tensorboard: bool = True):
-    """JSON-lines + PNG writer, plus clu's TensorBoard writer when TensorFlow is installed."""
+def create_writer(workdir: fileio.PathLike, tensorboard: bool = True):
+    """JSON-lines + PNG writer, plus clu's TensorBoard writer when TensorFlow is installed; a
+    writer that writes nothing on every process but 0 (each metric row is written once)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+        return NullWriter()
     writers = [JsonlWriter(workdir)]
     if tensorboard:
         try:
@@ -126,7 +164,7 @@ def create_writer(workdir: str, tensorboard: bool = True):
             logging.info("TensorBoard summaries off: install radar_jax[tensorboard] for them; "
                          "metrics go to %s/metrics.jsonl.", workdir)
         else:
-            writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+            writers.append(metric_writers.SummaryWriter(str(fileio.path(workdir) / "tensorboard")))
     return MultiWriter(writers)
 
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,7 +27,9 @@ from radar_jax import checkpoint as ckpt_lib
 from radar_jax import data as data_lib
 from radar_jax import evaluation
 from radar_jax import reporting
+from radar_jax import fileio
 from radar_jax import sharding
+from radar_jax import trainer
 from radar_jax.models import discriminator as disc_lib
 from radar_jax.models import lpips as lpips_lib
 from radar_jax.models import vq as vq_lib
@@ -46,23 +45,6 @@ class VQTrainState:
     disc_params: Any
     disc_batch_stats: Any
     disc_opt_state: Any
-
-
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam(beta1, beta2) with global-norm clipping, optional warmup and decoupled decay.
-
-    The learning rate is constant after warmup (LlamaGen's tokenizer recipe), so a run resumed
-    with a larger num_steps continues exactly as if it had been started with it.
-    """
-    lr = optim.lr
-    if optim.warmup_steps:
-        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-    chain = []
-    if optim.grad_clip:
-        chain.append(optax.clip_by_global_norm(optim.grad_clip))
-    chain.append(optax.adamw(lr, b1=optim.beta1, b2=optim.beta2,
-                             weight_decay=optim.weight_decay))
-    return optax.chain(*chain)
 
 
 def _perceptual_setup(loss_config):
@@ -82,12 +64,14 @@ def _perceptual_setup(loss_config):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the tokenizer in `workdir`; returns the final eval metrics."""
     # ---------------------------------------------------------------- setup
-    os.makedirs(workdir, exist_ok=True)
+    workdir = fileio.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     data_lib.check_data_available(config.data)
     writer = reporting.create_writer(workdir)
     mesh = sharding.make_mesh(config.get("mesh"))
     sharding.check_batch_divisible(config.batch_size, mesh)
-    rng = jax.random.key(config.seed)
+    # Separate streams for the initial weights and for the per-step dropout draws.
+    init_rng, rng = jax.random.split(jax.random.key(config.seed))
     logging.info("Tokenizer run in %s on %d device(s), mesh %s.", workdir, jax.device_count(),
                  dict(mesh.shape))
 
@@ -103,8 +87,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     disc = disc_lib.PatchGANDiscriminator(ndf=config.loss.disc_ndf,
                                           n_layers=config.loss.disc_layers)
     lpips_model, lpips_params, perceptual_weight = _perceptual_setup(config.loss)
-    tx = make_optimizer(config.optim)
-    disc_tx = make_optimizer(config.optim)
+    # LlamaGen's tokenizer recipe: the same Adam for the generator and the discriminator, a
+    # constant rate after warmup.
+    tx = trainer.make_optimizer(config.optim, config.num_steps)
+    disc_tx = trainer.make_optimizer(config.optim, config.num_steps)
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
 
@@ -119,12 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             disc_opt_state=disc_tx.init(disc_vars["params"]))
 
     # ---------------------------------------------------------------- shard
-    # Params born sharded: shapes from eval_shape, shardings from the logical axis names, then
-    # init runs under jit with those output shardings (nothing is materialised on one device).
-    abstract = jax.eval_shape(init_state, rng)
-    rules = sharding.rules_from_config(config)
-    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=state_shardings)(rng)
+    state, state_shardings = trainer.create_sharded_state(
+        init_state, init_rng, mesh, sharding.rules_from_config(config))
     data_sharding = sharding.batch_sharding(mesh, 4)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Tokenizer: %.2fM parameters.", num_params / 1e6)
@@ -171,10 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        ema = state.ema_params
-        if config.ema_decay:
-            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
-                               ema, params)
+        ema = trainer.ema_update(state.ema_params, params, config.ema_decay)
         disc_params, batch_stats, disc_opt_state = (state.disc_params, state.disc_batch_stats,
                                                     state.disc_opt_state)
         if use_gan:
@@ -189,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              disc_opt_state=disc_opt_state), metrics
 
     # ---------------------------------------------------------------- checkpoint
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                  keep=config.keep_checkpoints)
     state, resumed = ckpt.restore(state, train_iter)
     if resumed is None and config.init_from:
@@ -206,9 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics, grid = evaluator(params)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         writer.write_images(step, {"recon": grid})
-        reporting.save_png(os.path.join(workdir, "reconstructions.png"), grid, scale=4)
-        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(step=step, **metrics), f, indent=1)
+        if jax.process_index() == 0:
+            reporting.save_png(fileio.path(workdir) / "reconstructions.png", grid, scale=4)
+            fileio.write_json(fileio.path(workdir) / "eval.json", dict(step=step, **metrics))
         logging.info("Tokenizer eval at step %d: %s", step,
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
@@ -238,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress.close()
     metrics = run_eval(config.num_steps)
     # A params-only copy for the generator stages, sampling and the notebook.
-    ckpt_lib.export_params(os.path.join(workdir, "params"),
+    ckpt_lib.export_params(workdir / "params",
                            state.ema_params if config.ema_decay else state.params)
     writer.close()
     return metrics

@@ -1,0 +1,289 @@
+"""The generator's training step (radar_jax/train_step.py): gradients on the real packed
+layout respect the nested mask, the loss split against an independent cross-entropy, RNI and
+the RDS layout sampler.
+
+Tiny transformer (dim 64, 2 layers); each test compiles one small function.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from radar_jax import config_defaults as cd
+from radar_jax import schedules
+from radar_jax import train_step
+from radar_jax.models import transformer
+
+from test_train import log_softmax_np, random_head_params
+
+# ----------------------------------------------------------------------------------------------
+# c. Gradients respect the nested mask on the real packed layout
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, grid, kw, block", [
+    ("crops", (4, 4), dict(sizes=(1, 2, 4)), 1),   # blocks of 1, 4, 16 tokens
+    ("euclidean", (5, 5), {}, 2),                  # blocks of 1, 5, 13, 25 tokens
+])
+def test_gradient_reaches_only_visible_inputs(kind, grid, kw, block):
+    schedule = schedules.make_schedule(kind, grid, **kw)
+    layout = schedules.train_layout(schedule)
+    bounds = schedules.block_bounds(schedule)
+    config = transformer.model_config("tiny", vocab_size=32, num_classes=4,
+                                      block_size=grid[0] * grid[1], grid=grid)
+    model = transformer.Transformer(config)
+    params = random_head_params(config)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 32, grid[0] * grid[1])
+    tokens_1L = codes[np.maximum(layout["flat_pos"], 0)][None]
+    labels = np.array([1])
+    h_1LD = jax.jit(lambda p: model.apply({"params": p}, tokens_1L, labels, layout["is_new"],
+                                          layout["is_class"], method="embed"))(params)
+
+    # The loss at the first known-area position of the block; its ground-truth target.
+    start, stop = bounds[block], bounds[block + 1]
+    query = start + int(np.flatnonzero(~layout["is_new"][start:stop])[0])
+    target = int(codes[layout["target_pos"][query]])
+
+    def loss(h):
+        logits, _ = model.apply({"params": params}, h, layout["flat_pos"], layout["mask"],
+                                method="forward_embeddings")
+        return -jax.nn.log_softmax(logits[0, query])[target]
+
+    grad_L = np.abs(np.asarray(jax.jit(jax.grad(loss))(h_1LD))[0]).max(axis=-1)
+    index = np.arange(len(grad_L))
+    new_ring_here = (index >= start) & (index < stop) & layout["is_new"]
+    later = index >= stop
+    earlier = index < start  # class token and every earlier block
+    known_here = (index >= start) & (index < stop) & ~layout["is_new"]
+    assert new_ring_here.sum() > 0 and later.sum() > 0
+    # Exactly zero: the known area never sees its own new ring, and no step sees a later one.
+    assert np.all(grad_L[new_ring_here | later] == 0.0), grad_L
+    # Everything the query may attend to reaches it.
+    assert np.all(grad_L[earlier] > 0), grad_L[earlier]
+    assert np.all(grad_L[known_here] > 0), grad_L[known_here]
+
+
+# ----------------------------------------------------------------------------------------------
+# d. Loss split, RNI and RDS
+# ----------------------------------------------------------------------------------------------
+class _RecordingModel:
+    """Stands in for the Transformer in sequence_loss and keeps the input tokens it is fed."""
+
+    def __init__(self, vocab_size):
+        self.config = ml_collections.ConfigDict(dict(vocab_size=vocab_size))
+        self.tokens_BL = None
+
+    def apply(self, variables, tokens_BL, labels_B, flat_pos, is_new, is_class, mask, *,
+              train, rngs):
+        del variables, labels_B, flat_pos, is_new, is_class, mask, train, rngs
+        self.tokens_BL = tokens_BL
+        return jnp.zeros(tokens_BL.shape + (8,)), None
+
+
+def fed_tokens(vocab_size, codes_BN, meta, seed, **loss_kw):
+    """(B, L) input tokens that sequence_loss (RNI included) feeds the model, under jit."""
+    model = _RecordingModel(vocab_size)
+
+    def run(codes_BN, rng):
+        labels_B = jnp.zeros(codes_BN.shape[:1], jnp.int32)
+        train_step.sequence_loss(model, {}, codes_BN, labels_B, meta, rng, **loss_kw)
+        return model.tokens_BL
+    return np.asarray(jax.jit(run)(codes_BN, jax.random.key(seed)))
+
+
+def _full_meta(schedule):
+    """A schedule's whole layout as LayoutSampler gives it without RDS (all valid)."""
+    layout = schedules.layout_metadata(schedule)
+    return schedules.pad_layout(layout, len(layout["step"]))
+
+
+def test_rni_replaces_exactly_the_known_inputs():
+    """Deterministic case: with a one-code vocabulary every replacement is code 0, so the fed
+    tokens are fully predictable: 0 at known-area positions, the clean token elsewhere."""
+    schedule = schedules.make_schedule("euclidean", (4, 4))
+    meta = _full_meta(schedule)
+    known_L = ~meta["is_new"] & ~meta["is_class"]
+    codes_BN = np.full((3, 16), 5, np.int32)
+    tokens_BL = fed_tokens(1, codes_BN, meta, 0, train=True, rni_range=(1.0, 1.0))
+    np.testing.assert_array_equal(tokens_BL, np.where(known_L, 0, 5)[None].repeat(3, 0))
+    # Off when the range is (0, 0), at evaluation, and for raster (which has no known area).
+    raster_meta = _full_meta(schedules.make_schedule("raster", (4, 4)))
+    for meta_, kw in ((meta, dict(train=True, rni_range=(0.0, 0.0))),
+                      (meta, dict(train=False, rni_range=(1.0, 1.0))),
+                      (raster_meta, dict(train=True, rni_range=(1.0, 1.0), raster=True))):
+        assert np.all(fed_tokens(1, codes_BN, meta_, 0, **kw) == 5), kw
+
+
+def test_rni_rate_and_per_example_fraction():
+    schedule = schedules.make_schedule("euclidean", (8, 8))
+    meta = _full_meta(schedule)
+    known_L = ~meta["is_new"] & ~meta["is_class"]
+    vocab, batch = 32, 64
+    codes_BN = np.random.default_rng(0).integers(0, vocab, (batch, 64)).astype(np.int32)
+    clean_BL = codes_BN[:, np.maximum(meta["flat_pos"], 0)]
+
+    def differ_rate(rni_range, seed):
+        tokens_BL = fed_tokens(vocab, codes_BN, meta, seed, train=True, rni_range=rni_range)
+        differ_BL = tokens_BL != clean_BL
+        assert not differ_BL[:, ~known_L].any()  # class and new-ring inputs are never touched
+        return differ_BL[:, known_L].mean(axis=1)  # (B,) per example
+
+    # Rate 1: every known input is a uniform random code, equal to the clean one w.p. 1/V.
+    # About 9,000 known inputs: the binomial standard error is ~0.002.
+    rate_B = differ_rate((1.0, 1.0), 0)
+    assert abs(rate_B.mean() - (1 - 1 / vocab)) < 0.01, rate_B.mean()
+    rate_B = differ_rate((0.5, 0.5), 1)
+    assert abs(rate_B.mean() - 0.5 * (1 - 1 / vocab)) < 0.02, rate_B.mean()
+    # U(0, 1) per example: the fractions spread over the whole range, mean ~ 1/2 * (1 - 1/V).
+    rate_B = differ_rate((0.0, 1.0), 2)
+    assert rate_B.min() < 0.2 and rate_B.max() > 0.8, rate_B
+    assert abs(rate_B.mean() - 0.5 * (1 - 1 / vocab)) < 0.1, rate_B.mean()
+
+
+def test_loss_split_matches_an_independent_cross_entropy():
+    schedule = schedules.make_schedule("euclidean", (4, 4))
+    meta = _full_meta(schedule)
+    config = transformer.model_config("tiny", vocab_size=32, num_classes=4, block_size=16)
+    model = transformer.Transformer(config)
+    params = random_head_params(config)
+    rng = np.random.default_rng(0)
+    codes_BN = rng.integers(0, 32, (2, 16)).astype(np.int32)
+    labels = np.array([0, 3], np.int32)
+    loss, metrics = jax.jit(lambda p: train_step.sequence_loss(
+        model, p, codes_BN, labels, meta, jax.random.key(0), train=False, known_weight=0.25))(
+            params)
+
+    # Independent: logits of the plain forward pass, then per-token CE from numpy.
+    tokens_BL = codes_BN[:, np.maximum(meta["flat_pos"], 0)]
+    mask = schedules.train_layout(schedule)["mask"]
+    logits, _ = jax.jit(lambda p: model.apply({"params": p}, tokens_BL, labels, meta["flat_pos"],
+                                              meta["is_new"], meta["is_class"], mask))(params)
+    targets_BL = codes_BN[:, np.maximum(meta["target_pos"], 0)]
+    ce_BL = -np.take_along_axis(log_softmax_np(logits), targets_BL[..., None], -1)[..., 0]
+    is_new = meta["is_new"][None].repeat(2, 0)
+    is_known = (~meta["is_new"] & ~meta["is_class"])[None].repeat(2, 0)
+    np.testing.assert_allclose(metrics["loss_new"], ce_BL[is_new].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_known"], ce_BL[is_known].mean(), rtol=1e-5)
+    expected = ((ce_BL[is_new].sum() + 0.25 * ce_BL[is_known].sum())
+                / (is_new.sum() + 0.25 * is_known.sum()))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert float(metrics["tokens"]) == 2 * len(meta["step"])
+
+
+def _kept_steps(schedule, example):
+    """Recovers which steps of `schedule` a (padded) RDS layout kept, from its block sizes."""
+    n = int(example["valid"].sum())
+    assert example["valid"][:n].all() and not example["valid"][n:].any()
+    steps = example["step"][:n][~example["is_class"][:n]]
+    block_sizes = np.bincount(steps)
+    keep = np.searchsorted(schedule.canvas_sizes, block_sizes)
+    np.testing.assert_array_equal(schedule.canvas_sizes[keep], block_sizes)
+    return keep, n
+
+
+def test_layout_sampler_rds_per_example():
+    schedule = schedules.make_schedule("euclidean", (8, 8))  # 7 steps
+    t = cd.generator_train(rds=True, rds_mode="per_example", rds_min_steps=3)
+    sampler = train_step.LayoutSampler(schedule, t, seed=5)
+    full_length = len(schedules.layout_metadata(schedule)["step"])
+    assert sampler.length == full_length
+    meta = sampler(step=7, batch_size=16)
+    assert set(meta) == set(train_step.META_KEYS)
+    assert all(v.shape == (16, full_length) for v in meta.values())
+
+    ladders = set()
+    for i in range(16):
+        example = {k: v[i] for k, v in meta.items()}
+        keep, n = _kept_steps(schedule, example)
+        assert keep[0] == 0 and keep[-1] == schedule.num_steps - 1 and len(keep) >= 3
+        expected = schedules.layout_metadata(schedules.merge_rings(schedule, keep))
+        for key, value in expected.items():
+            np.testing.assert_array_equal(example[key][:n], value, err_msg=key)
+        # Padding feeds and predicts nothing.
+        assert np.all(example["flat_pos"][n:] == -1) and np.all(example["target_pos"][n:] == -1)
+        assert not example["is_new"][n:].any() and not example["is_class"][n:].any()
+        ladders.add(tuple(keep))
+    assert len(ladders) > 1  # per example, not one ladder for the batch
+
+    # Deterministic in (seed, step) -- a fresh sampler too, as after a resume -- and different
+    # for another step or seed.
+    again = train_step.LayoutSampler(schedule, t, seed=5)(step=7, batch_size=16)
+    for key in train_step.META_KEYS:
+        np.testing.assert_array_equal(meta[key], again[key])
+    other_step = sampler(step=8, batch_size=16)
+    other_seed = train_step.LayoutSampler(schedule, t, seed=6)(step=7, batch_size=16)
+    assert not np.array_equal(meta["step"], other_step["step"])
+    assert not np.array_equal(meta["step"], other_seed["step"])
+
+
+def test_layout_sampler_per_batch_and_off():
+    schedule = schedules.make_schedule("euclidean", (8, 8))
+    per_batch = train_step.LayoutSampler(
+        schedule, cd.generator_train(rds=True, rds_mode="per_batch"))
+    meta = per_batch(step=3, batch_size=16)
+    assert meta["step"].shape == (per_batch.length,)
+    keep, n = _kept_steps(schedule, meta)
+    expected = schedules.layout_metadata(schedules.merge_rings(schedule, keep))
+    np.testing.assert_array_equal(meta["flat_pos"][:n], expected["flat_pos"])
+    # RDS off, or raster (no rings to drop): the full layout every step, all valid.
+    for sched, t in ((schedule, cd.generator_train(rds=False)),
+                     (schedules.make_schedule("raster", (8, 8)), cd.generator_train(rds=True))):
+        meta = train_step.LayoutSampler(sched, t)(step=3, batch_size=16)
+        full = schedules.layout_metadata(sched)
+        assert meta["valid"].all() and meta["step"].shape == full["step"].shape
+        for key, value in full.items():
+            np.testing.assert_array_equal(meta[key], value)
+    bad = train_step.LayoutSampler(schedule, cd.generator_train(rds=True, rds_mode="sometimes"))
+    with pytest.raises(ValueError, match="rds_mode='sometimes'"):
+        bad(step=1, batch_size=2)
+
+
+def test_padded_rds_layouts_give_the_unpadded_loss():
+    """Per-example padded layouts inside one batch: each example's CE equals the CE of its own
+    unpadded merged layout, so padding neither leaks into attention nor into the loss."""
+    schedule = schedules.make_schedule("euclidean", (5, 5))
+    config = transformer.model_config("tiny", vocab_size=32, num_classes=4, block_size=25)
+    model = transformer.Transformer(config)
+    params = random_head_params(config)
+    codes_BN = np.random.default_rng(1).integers(0, 32, (4, 25)).astype(np.int32)
+    labels = np.array([0, 1, 2, 3], np.int32)
+    t = cd.generator_train(rds=True, rds_mode="per_example", rds_keep_prob=0.5)
+    meta = train_step.LayoutSampler(schedule, t, seed=0)(step=1, batch_size=4)
+    # Jitted: eager op-by-op execution would compile every op for each layout length.
+    loss_fn = jax.jit(lambda codes, labels, meta: train_step.sequence_loss(
+        model, params, codes, labels, meta, jax.random.key(0), train=False)[1])
+    metrics = loss_fn(codes_BN, labels, meta)
+
+    total_ce, count = 0.0, 0
+    for i in range(4):
+        keep, _ = _kept_steps(schedule, {k: v[i] for k, v in meta.items()})
+        own = _full_meta(schedules.merge_rings(schedule, keep))
+        m = loss_fn(codes_BN[i:i + 1], labels[i:i + 1], own)
+        n_new = int(own["is_new"].sum())
+        total_ce += float(m["loss_new"]) * n_new
+        count += n_new
+    np.testing.assert_allclose(metrics["loss_new"], total_ce / count, rtol=1e-5)
+
+
+
+
+def test_bench_train_times_the_real_train_step(monkeypatch):
+    """launch/bench_train.py must time radar_jax's own step (with EMA, grad accumulation and
+    the grad norm), not a re-implementation: it calls train_step.make_train_step."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import pathlib  # pylint: disable=g-import-not-at-top
+    path = pathlib.Path(__file__).resolve().parents[1] / "launch" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    real = train_step.make_train_step
+
+    def recording(config, *args, **kwargs):
+        calls.append(config)
+        return real(config, *args, **kwargs)
+    monkeypatch.setattr(train_step, "make_train_step", recording)
+    assert bench.main(["--size", "tiny", "--batch_size", "2", "--layouts", "raster",
+                       "--steps", "5", "--warmup", "0"]) == 0
+    assert len(calls) == 1 and calls[0].train.batch_size == 2
