@@ -43,7 +43,8 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${RADAR_JAX_STEP:-}" ]; then
   [ -f radar_jax/main.py ] || die "no radar_jax/main.py in $PWD: run sbatch from the" \
     "repository root or set RADAR_DIR=/path/to/radar_jax"
   nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # All of it, then the first line (`| head -n 1` could kill scontrol with SIGPIPE).
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST"); head=${hosts%%$'\n'*}
   port=${JAX_COORDINATOR_PORT:-$((SLURM_JOB_ID % 4096 + 61440))}
   export JAX_COORDINATOR_ADDRESS=${JAX_COORDINATOR_ADDRESS:-$head:$port}
   export RADAR_JAX_STEP=1

@@ -205,6 +205,9 @@ def test_tpu_overrides_reach_python_intact(sandbox):
     calls = _calls(sb)
     assert not [c for c in calls if c[3] == "create"], "a READY TPU is reused"
     assert [c for c in calls if c[3] == "scp" and "--worker=all" in c]
+    for cmd in _remote_commands(calls, ""):  # setup, run, status: all parse as bash
+        subprocess.run(["bash", "-n", "-c", cmd], check=True)
+    assert any("uv venv" in cmd for cmd in _remote_commands(calls, "--python 3.11"))
     (run_cmd,) = _remote_commands(calls, "radar_jax.main")
     # What the worker's login shell does with --command: bash -c.
     print(_remote_bash(sb, run_cmd))
