@@ -166,6 +166,23 @@ def _real_folder(folder: epath.Path) -> str:
     return os.path.realpath(folder)
 
 
+def _list_folder(folder: epath.Path) -> tuple[list[str], list[str]]:
+    """(subfolder names, other names) in `folder`, symlinks to folders counted as folders.
+
+    Local folders use os.scandir, whose entries know their type without a stat per file:
+    ImageNet's 1.28M files list in seconds (epath objects cost ~25 us per entry, and a stat
+    each on top). gs:// etc. go through epath; a name with an image extension is taken to be
+    a file there without asking (one listing call per folder instead of one call per file).
+    """
+    if "://" not in str(folder):
+        with os.scandir(folder) as it:
+            entries = [(e.name, e.is_dir()) for e in it]
+    else:
+        entries = [(e.name, not e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_dir())
+                   for e in folder.iterdir()]
+    return ([n for n, is_dir in entries if is_dir], [n for n, is_dir in entries if not is_dir])
+
+
 def _find_images(folder: epath.Path, recursive: bool = True,
                  visited: set[str] | None = None) -> list[str]:
     """Sorted paths (str) of the image files under `folder` (hidden names skipped).
@@ -185,21 +202,17 @@ def _find_images(folder: epath.Path, recursive: bool = True,
             continue
         visited.add(key)
         try:
-            entries = sorted(current.iterdir(), key=lambda e: e.name)
+            subfolders, files = _list_folder(current)
         except OSError as e:
             logging.warning("Skipping folder %s: %s", current, e)
             continue
-        subfolders = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            if entry.is_dir():
-                subfolders.append(entry)
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(str(entry))
+        prefix = str(current)
+        found += [os.path.join(prefix, name) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
         if recursive:
-            stack += reversed(subfolders)  # pop() then visits them in sorted order
+            # Reverse-sorted onto the stack, so pop() visits them in sorted order.
+            stack += [current / name for name in sorted(subfolders, reverse=True)
+                      if not name.startswith(".")]
     return sorted(found)
 
 
