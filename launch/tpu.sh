@@ -36,8 +36,8 @@
 #   --python=3.11     --jax='jax[tpu]' (pip requirement)   --poll=60 (s)   --max-restarts=20
 #   --worker=W        worker for logs (0..N-1 or all)
 # Everything after -- goes to `python -m radar_jax.main` unchanged: each word is quoted for the
-# remote shell (printf %q), so --config.sample.labels='(3,5,8)' arrives as typed. main.py starts
-# jax.distributed itself on a multi-host slice (append --multihost to force it).
+# remote shell (printf %q), so --config.sample.labels='(3,5,8)' arrives as typed. On a slice of
+# more than one worker, --multihost is added (main.py then runs jax.distributed.initialize()).
 # GCLOUD names the gcloud binary (default gcloud).
 # shellcheck disable=SC2016  # the remote scripts are single-quoted: they expand on the worker
 set -euo pipefail
@@ -185,10 +185,25 @@ python3 -m uv pip install -q --python ~/radar_jax_venv/bin/python -e . $(printf 
 ~/radar_jax_venv/bin/python -c 'import sys, radar_jax; print(\"python\", sys.version.split()[0], \"ok\")'"
 }
 
+# Hosts in the slice: one network endpoint per worker (1 when gcloud cannot say).
+num_workers() {
+  local ips
+  ips=$(g compute tpus tpu-vm describe "$NAME" --format='value(networkEndpoints[].ipAddress)' \
+    2>/dev/null) || ips=''
+  local n; n=$(tr ';' '\n' <<<"$ips" | grep -c . || true); echo "$(( n > 0 ? n : 1 ))"
+}
+
 # The command each worker runs: prints the exact remote script (tests evaluate it with bash).
 run_script() {
-  local a q=''
-  for a in -m radar_jax.main "--workdir=$WORKDIR" "${RUN_ARGS[@]}"; do q+=" $(printf %q "$a")"; done
+  local a q='' multi=()
+  # A GCE TPU VM's login shell has no variable naming the slice's other workers, so main.py
+  # is told (--multihost) to run jax.distributed.initialize(), which reads the TPU metadata.
+  if [ "$(num_workers)" -gt 1 ] && ! printf '%s\n' "${RUN_ARGS[@]}" | grep -qx -e --multihost; then
+    multi=(--multihost)
+  fi
+  for a in -m radar_jax.main "--workdir=$WORKDIR" ${multi[@]+"${multi[@]}"} "${RUN_ARGS[@]}"; do
+    q+=" $(printf %q "$a")"
+  done
   # setsid: the run gets its own process group, so `stop` signals python and its data workers;
   # the wrapper ignores SIGTERM itself (set after python starts) to record python's exit status.
   cat <<EOF

@@ -47,7 +47,9 @@ def next_state(k):
     return st["current"][k]
 
 out = ""
-if verb == "describe":
+if verb == "describe" and "--format=value(networkEndpoints[].ipAddress)" in argv:
+    out = ";".join(f"10.0.0.{i}" for i in range(st.get("workers", 1)))
+elif verb == "describe":
     s = next_state(kind)
     if s == "NOT_FOUND":
         print(f"ERROR: (gcloud) NOT_FOUND: Resource {argv[4]!r} was not found", file=sys.stderr)
@@ -144,8 +146,8 @@ def sandbox(tmp_path):
     return {"tmp": tmp_path, "bin": fakebin, "home": home, "out": out, "env": env}
 
 
-def _set_states(sb, tpu=(), qr=(), run=()):
-    state = {"queue": {"tpu": list(tpu), "qr": list(qr), "run": list(run)},
+def _set_states(sb, tpu=(), qr=(), run=(), workers=1):
+    state = {"workers": workers, "queue": {"tpu": list(tpu), "qr": list(qr), "run": list(run)},
              "current": {"tpu": "NOT_FOUND", "qr": "NOT_FOUND", "run": "none"}}
     (sb["tmp"] / "state.json").write_text(json.dumps(state))
 
@@ -199,7 +201,7 @@ def test_shellcheck(script):
 
 def test_tpu_overrides_reach_python_intact(sandbox):
     sb = sandbox
-    _set_states(sb, tpu=["READY"], run=["none", "exit=0"])
+    _set_states(sb, tpu=["READY"], run=["none", "exit=0"], workers=8)  # a v5p-64 has 8 hosts
     _tpu(sb, "up", "--name=t1", "--zone=us-east5-a", "--type=v5p-64",
          "--workdir=gs://bucket/run", "--poll=0", "--", *NASTY)
     calls = _calls(sb)
@@ -213,7 +215,8 @@ def test_tpu_overrides_reach_python_intact(sandbox):
     print(_remote_bash(sb, run_cmd))
     exit_file = _wait_for(sb["home"] / "radar_jax_logs" / "worker-0.exit")
     rec = json.loads((sb["out"] / "python-0.json").read_text())
-    assert rec["argv"] == ["-m", "radar_jax.main", "--workdir=gs://bucket/run", *NASTY]
+    assert rec["argv"] == ["-m", "radar_jax.main", "--workdir=gs://bucket/run", "--multihost",
+                           *NASTY]
     assert rec["cwd"] == str(sb["home"] / "radar_jax")
     assert not (sb["home"] / "radar_jax" / "pwned").exists()
     assert exit_file.read_text().strip() == "0"
@@ -235,6 +238,9 @@ def test_tpu_stop_sends_sigterm_and_records_status(sandbox):
     assert "already running" in _remote_bash(sb, run_cmd, FAKE_PY_WAIT="1")
     out = _remote_bash(sb, stop_cmd)
     assert "exit status 143" in out, out
+    # One host: no --multihost.
+    assert json.loads((sb["out"] / "python-0.json").read_text())["argv"] == [
+        "-m", "radar_jax.main", "--workdir=gs://b/r", "--config=configs/xl.py"]
     assert (sb["home"] / "radar_jax_logs" / "worker-0.exit").read_text().strip() == "143"
 
 
