@@ -47,6 +47,7 @@ PREEMPTED_STATUS=${RADAR_PREEMPTED_STATUS:-143}
 NAME=radar-jax ZONE='' PROJECT='' TYPE='' VERSION='' QUEUED=0 SPOT=0 WORKDIR=''
 PYVER=3.11 JAX_REQ='jax[tpu]' POLL=60 MAX_RESTARTS=20 WORKER=0
 REPO_DIR=$(cd "$(dirname "$0")/.." && pwd)
+NEED_ARGS="pass the radar_jax flags after --, e.g. -- --config=configs/xl.py"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep -v '^set\|shellcheck' | sed 's/^# \{0,1\}//'; }
 die() { echo "launch/tpu.sh: $*" >&2; exit 2; }
@@ -98,7 +99,8 @@ describe() {
   if out=$(g compute tpus "$1" describe "$NAME" --format="$2" 2>"$err"); then
     rm -f "$err"; echo "$out"; return 0
   fi
-  if grep -qi 'not.found' "$err"; then echo NOT_FOUND; else echo UNKNOWN; sed 's/^/  /' "$err" >&2; fi
+  if grep -qi 'not.found' "$err"; then echo NOT_FOUND
+  else echo UNKNOWN; sed 's/^/  /' "$err" >&2; fi
   rm -f "$err"; return 1
 }
 
@@ -180,9 +182,10 @@ rm -rf ~/radar_jax.new && mkdir -p ~/radar_jax.new && tar -C ~/radar_jax.new -xz
 rm -rf ~/radar_jax && mv ~/radar_jax.new ~/radar_jax && cd ~/radar_jax
 python3 -m pip install -q --user -U uv 2>/dev/null \\
   || python3 -m pip install -q --user -U --break-system-packages uv
-[ -x ~/radar_jax_venv/bin/python ] || python3 -m uv venv -q --python $(printf %q "$PYVER") ~/radar_jax_venv
+[ -x ~/radar_jax_venv/bin/python ] \\
+  || python3 -m uv venv -q --python $(printf %q "$PYVER") ~/radar_jax_venv
 python3 -m uv pip install -q --python ~/radar_jax_venv/bin/python -e . $(printf %q "$JAX_REQ")
-~/radar_jax_venv/bin/python -c 'import sys, radar_jax; print(\"python\", sys.version.split()[0], \"ok\")'"
+~/radar_jax_venv/bin/python -c 'import sys, radar_jax; print(\"python\", sys.version.split()[0])'"
 }
 
 # Hosts in the slice: one network endpoint per worker (1 when gcloud cannot say).
@@ -219,7 +222,7 @@ EOF
 }
 
 run() {
-  [ ${#RUN_ARGS[@]} -gt 0 ] || die "pass the radar_jax flags after --, e.g. -- --config=configs/xl.py"
+  [ ${#RUN_ARGS[@]} -gt 0 ] || die "$NEED_ARGS"
   case $WORKDIR in
     gs://?*) ;;
     *) die "--workdir='$WORKDIR': use --workdir=gs://BUCKET/DIR, which every worker and every" \
@@ -230,7 +233,8 @@ run() {
 }
 
 STATUS_SCRIPT="$REMOTE_PRELUDE"'
-if [ -f "$d/worker-$w.exit" ]; then echo "radar_jax_status worker=$w exit=$(cat "$d/worker-$w.exit")"
+if [ -f "$d/worker-$w.exit" ]; then
+  echo "radar_jax_status worker=$w exit=$(cat "$d/worker-$w.exit")"
 elif alive; then echo "radar_jax_status worker=$w running"
 else echo "radar_jax_status worker=$w none"; fi'
 
@@ -240,7 +244,8 @@ run_state() {
   out=$(remote all "$STATUS_SCRIPT" 2>/dev/null) || true
   lines=$(grep '^radar_jax_status ' <<<"$out" || true)
   [ -n "$lines" ] || { echo unknown; return; }
-  local bad; bad=$(grep -o 'exit=[0-9]*' <<<"$lines" | grep -vx -e exit=0 -e "exit=$PREEMPTED_STATUS" \
+  local bad
+  bad=$(grep -o 'exit=[0-9]*' <<<"$lines" | grep -vx -e exit=0 -e "exit=$PREEMPTED_STATUS" \
     | head -n1 || true)
   if [ -n "$bad" ]; then echo "failed=${bad#exit=}"
   elif grep -q " none$\| exit=$PREEMPTED_STATUS$" <<<"$lines"; then echo restart
@@ -276,7 +281,9 @@ watch() {
         "--worker=all; stopping the other workers"; stop_run || true; return "${r#failed=}" ;;
       recreate|restart)
         restarts=$((restarts + 1))
-        [ "$restarts" -le "$MAX_RESTARTS" ] || { say "gave up after $MAX_RESTARTS restarts"; return 1; }
+        if [ "$restarts" -gt "$MAX_RESTARTS" ]; then
+          say "gave up after $MAX_RESTARTS restarts"; return 1
+        fi
         say "restart $restarts of $MAX_RESTARTS; the run resumes from $WORKDIR"
         if [ "$r" = restart ]; then stop_run || true; else ensure_tpu; setup; fi
         run; last='' ;;
@@ -290,7 +297,7 @@ case $CMD in
   setup) setup ;;
   run) run ;;
   up)
-    [ ${#RUN_ARGS[@]} -gt 0 ] || die "pass the radar_jax flags after --, e.g. -- --config=configs/xl.py"
+    [ ${#RUN_ARGS[@]} -gt 0 ] || die "$NEED_ARGS"
     ensure_tpu
     if [ "$(run_state)" = running ]; then say "the run is already going on $NAME: watching it"
     else setup; run; fi
