@@ -1,27 +1,40 @@
 """Sampling throughput of the KV-cached sampler, one harness for every schedule.
 
-For each (schedule, batch size) case: one warm-up call (compile + run), then `--runs` timed calls
-synchronised with block_until_ready; reports the median. Compile time is reported apart: the
-tracing, lowering and XLA compile durations that JAX reports (jax.monitoring) during the
-warm-up. The model has random weights (with a non-zero output head, so sampling is not
-degenerate) and samples with CFG (the batch is doubled internally). Every size runs on the
-16x16 grid of the paper's schedules ('tiny' included, for a quick smoke run).
+For each (dtype, batch size, schedule, correction band) case: one warm-up call (compile + run),
+then `--runs` timed calls synchronised with block_until_ready; reports the median. Compile
+time is reported apart: the tracing, lowering and XLA compile durations that JAX reports
+(jax.monitoring) during the warm-up. The model has random weights (with a non-zero output
+head, so sampling is not degenerate) and samples with CFG (the batch is doubled internally).
+Every size runs on the 16x16 grid of the paper's schedules ('tiny' included, for a quick smoke
+run).
 
-Example (GPT-B, CFG 2.0, batch 1 and 8, on this machine's CPU; several minutes):
-  python launch/bench_sampling.py --size B --batch_sizes 1,8 --out /tmp/bench_sampling.jsonl
+The correction band (`--correction_band`, alias `--bands`; see radar_jax.layouts) re-feeds
+only the last b known rings at each step; 'all' is the paper's full known area. Raster ignores
+the band and gets one row per (dtype, batch). `--dtype` lists compute dtypes: 'bfloat16' runs
+the sampler in bfloat16 (the model config's dtype field; the weights are cast once).
 
-Each case prints one JSON line (and appends it to --out) with: schedule, batch, images_per_s,
+Example (GPT-B, CFG 2.0, batch 1 and 8, bands 1 and all, float32 and bfloat16, on this
+machine's CPU; many minutes):
+  python launch/bench_sampling.py --size B --batch_sizes 1,8 --correction_band 1,all \
+      --dtype float32,bfloat16 --out /tmp/bench_sampling.jsonl
+Smoke run (about a minute; compiles dominate): python launch/bench_sampling.py --size tiny \
+      --runs 1 --batch_sizes 1 --schedules crops-10,raster
+
+Each case prints one JSON line (and appends it to --out) with: the command, schedule,
+correction_band, batch, images_per_s,
 ms_per_image, median_s, run_s, compile_s, forward_passes, token_forwards_useful /
 token_forwards_padded (per image and CFG branch, from the static plan), the padding waste,
 peak memory (device memory_stats when the backend has them, else the process max RSS, which
 only grows across cases), device, dtype. At the end: a table and the images/s ratio of every
-schedule against raster at the same batch size.
+case against raster at the same batch size and dtype (when raster is among the schedules).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
 import sys
 import time
 
@@ -38,16 +51,44 @@ SCHEDULES = {
     "crops-13": ("crops", {"preset": "crops13"}),
     "raster": ("raster", {}),
 }
+DTYPES = ("float32", "bfloat16")
 
 
-# Durations (s) of JAX's tracing, lowering and XLA compile events; filled by the listener that
-# main() registers, read and cleared around each warm-up call.
-_COMPILE_LOG: list[float] = []
+@contextlib.contextmanager
+def compile_events():
+    """Yields a list that collects the durations (s) of JAX's tracing, lowering and XLA
+    compile events while the block runs (a jax.monitoring listener, removed on exit)."""
+    seconds: list[float] = []
+
+    def listener(name: str, duration: float, **_) -> None:
+        if name.startswith("/jax/core/compile/"):
+            seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _record_compile_event(name: str, seconds: float, **_) -> None:
-    if name.startswith("/jax/core/compile/"):
-        _COMPILE_LOG.append(seconds)
+def _parse_bands(text: str) -> list[int | None]:
+    """'1,2,all' -> [1, 2, None]; raises ValueError naming a bad entry."""
+    bands = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "all":
+            bands.append(None)
+            continue
+        try:
+            bands.append(schedules.check_correction_band(int(item)))
+        except ValueError:
+            raise ValueError(f"--correction_band entry {item!r} must be an int >= 1 or 'all'"
+                             ) from None
+    return bands
+
+
+def _band_name(band: int | None) -> str:
+    return "all" if band is None else str(band)
 
 
 def parse_args(argv=None):
@@ -59,8 +100,12 @@ def parse_args(argv=None):
     parser.add_argument("--schedules", default="euclidean-13,crops-10,raster",
                         help=f"comma-separated subset of {sorted(SCHEDULES)}")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute dtype (the sampler then keeps its weights in it too)")
+    parser.add_argument("--correction_band", "--bands", dest="bands", default="1,all",
+                        help="comma-separated correction bands of the ring schedules: ints >= 1 "
+                        "and/or 'all' (the paper); raster ignores the band")
+    parser.add_argument("--dtype", default="float32",
+                        help=f"comma-separated compute dtypes from {list(DTYPES)} (the sampler "
+                        "then keeps its weights in it too)")
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     parser.add_argument("--top_k", type=int, default=0, help="0 = full-vocabulary sampling")
     parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg"],
@@ -73,6 +118,14 @@ def parse_args(argv=None):
     unknown = set(args.schedules.split(",")) - set(SCHEDULES)
     if unknown:
         parser.error(f"unknown --schedules {sorted(unknown)}; choose from {sorted(SCHEDULES)}")
+    try:
+        args.band_list = _parse_bands(args.bands)
+    except ValueError as err:
+        parser.error(str(err))
+    args.dtype_list = args.dtype.split(",")
+    bad = set(args.dtype_list) - set(DTYPES)
+    if bad:
+        parser.error(f"unknown --dtype {sorted(bad)}; choose from {list(DTYPES)}")
     return args
 
 
@@ -85,23 +138,25 @@ def random_params(config, seed: int = 0):
     return jax.device_put(params)
 
 
-def run_case(params, config, name: str, batch: int, args) -> dict:
+def run_case(params, config, name: str, band: int | None, batch: int, args,
+             command: str) -> dict:
+    """Times one (schedule, band, batch) case with `config`'s dtype; returns its row."""
     kind, kw = SCHEDULES[name]
     schedule = schedules.make_schedule(kind, config.grid, **kw)
-    plan = sampling.plan_for_config(schedule, config)
+    plan = sampling.plan_for_config(schedule, config, band)
     labels = np.arange(batch) % config.num_classes
 
     def call(seed):
         return sampling.sample(params, config, schedule, labels,
                                jax.random.key(seed, impl=args.prng),
-                               cfg_scale=args.cfg_scale, top_k=args.top_k)
+                               cfg_scale=args.cfg_scale, top_k=args.top_k,
+                               correction_band=band)
 
     load_before = os.getloadavg()[0]
-    _COMPILE_LOG[:] = []
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first_s = time.perf_counter() - t0
-    compile_events, _COMPILE_LOG[:] = list(_COMPILE_LOG), []
+    with compile_events() as compile_s:
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(0))
+        first_s = time.perf_counter() - t0
     run_s = []
     for i in range(args.runs):
         t0 = time.perf_counter()
@@ -109,11 +164,14 @@ def run_case(params, config, name: str, batch: int, args) -> dict:
         run_s.append(time.perf_counter() - t0)
     median_s = float(np.median(run_s))
     return dict(
-        schedule=name, batch=batch, size=args.size, dtype=args.dtype, cfg_scale=args.cfg_scale,
+        # Raster has no band (null): next-token AR feeds every token once.
+        command=command, schedule=name,
+        correction_band=None if schedule.is_next_token else _band_name(plan.correction_band),
+        batch=batch, size=args.size, dtype=str(config.dtype), cfg_scale=args.cfg_scale,
         top_k=args.top_k, prng=args.prng,
         images_per_s=round(batch / median_s, 4), ms_per_image=round(1e3 * median_s / batch, 1),
         median_s=round(median_s, 3), run_s=[round(t, 3) for t in run_s],
-        compile_s=round(sum(compile_events), 2), first_call_s=round(first_s, 2),
+        compile_s=round(sum(compile_s), 2), first_call_s=round(first_s, 2),
         forward_passes=plan.num_forward_passes,
         token_forwards_useful=plan.useful_token_forwards,
         token_forwards_padded=plan.padded_token_forwards,
@@ -127,39 +185,57 @@ def run_case(params, config, name: str, batch: int, args) -> dict:
 
 
 def print_table(rows) -> None:
-    header = (f"{'schedule':<14}{'batch':>6}{'img/s':>10}{'ms/img':>10}{'compile s':>11}"
-              f"{'fwd':>6}{'tok useful':>12}{'tok pad':>9}{'vs raster':>11}")
+    header = (f"{'schedule':<14}{'band':>5}{'dtype':>10}{'batch':>6}{'img/s':>10}{'ms/img':>10}"
+              f"{'compile s':>11}{'fwd':>6}{'tok useful':>12}{'tok pad':>9}{'vs raster':>11}")
     print(header)
     print("-" * len(header))
-    raster = {r["batch"]: r["images_per_s"] for r in rows if r["schedule"] == "raster"}
+    raster = {(r["dtype"], r["batch"]): r["images_per_s"] for r in rows
+              if r["schedule"] == "raster"}
     for r in rows:
-        ratio = (f"{r['images_per_s'] / raster[r['batch']]:.2f}x" if r["batch"] in raster
-                 else "-")
-        print(f"{r['schedule']:<14}{r['batch']:>6}{r['images_per_s']:>10.3f}"
-              f"{r['ms_per_image']:>10.0f}{r['compile_s']:>11.1f}{r['forward_passes']:>6}"
-              f"{r['token_forwards_useful']:>12}{r['token_forwards_padded']:>9}{ratio:>11}")
+        base = raster.get((r["dtype"], r["batch"]))
+        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        band = "-" if r["schedule"] == "raster" else r["correction_band"]
+        print(f"{r['schedule']:<14}{band:>5}{r['dtype']:>10}{r['batch']:>6}"
+              f"{r['images_per_s']:>10.3f}{r['ms_per_image']:>10.0f}{r['compile_s']:>11.1f}"
+              f"{r['forward_passes']:>6}{r['token_forwards_useful']:>12}"
+              f"{r['token_forwards_padded']:>9}{ratio:>11}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args, command: str) -> list[dict]:
+    """Runs every case of `args` (from parse_args), printing each row as it finishes.
+
+    Order: dtype, then batch size, then schedule, then band (raster once: it ignores the band).
+    Returns the rows (dicts, as printed).
+    """
     on_cpu = jax.default_backend() == "cpu"
     batches = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                else ([1, 8] if on_cpu else [1, 8, 64]))
     overrides = (dict(block_size=256) if args.size == "tiny"
                  else dict(vocab_size=16384, num_classes=1000))
-    config = transformer.model_config(args.size, dtype=args.dtype, **overrides)
-    params = random_params(config)
-    jax.monitoring.register_event_duration_secs_listener(_record_compile_event)
-    print(f"# GPT-{args.size}: {transformer.count_params(config)['total'] / 1e6:.1f}M params, "
-          f"{args.dtype}, CFG {args.cfg_scale}, top_k {args.top_k}, prng {args.prng}, device "
-          f"{jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+    # Parameters are float32 whatever the compute dtype (the sampler casts them once), so one
+    # draw serves every dtype and the dtypes compare the same weights.
+    params = random_params(transformer.model_config(args.size, **overrides))
     rows = []
-    for batch in batches:
-        for name in args.schedules.split(","):
-            row = run_case(params, config, name, batch, args)
-            rows.append(row)
-            perf.emit_row(row, args.out)
-    print_table(rows)
+    for dtype in args.dtype_list:
+        config = transformer.model_config(args.size, dtype=dtype, **overrides)
+        print(f"# GPT-{args.size}: {transformer.count_params(config)['total'] / 1e6:.1f}M "
+              f"params, {dtype}, CFG {args.cfg_scale}, top_k {args.top_k}, prng {args.prng}, "
+              f"device {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+        for batch in batches:
+            for name in args.schedules.split(","):
+                bands = [None] if SCHEDULES[name][0] == "raster" else args.band_list
+                for band in bands:
+                    row = run_case(params, config, name, band, batch, args, command)
+                    rows.append(row)
+                    perf.emit_row(row, args.out)
+    return rows
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "launch/bench_sampling.py", *argv])
+    print_table(run(args, command))
     return 0
 
 
