@@ -12,7 +12,7 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from radar_jax import data as data_lib
@@ -74,23 +74,46 @@ def encode_dataset(config, wd: workdir_lib.Workdir):
         logging.info("Token cache %s is stale (%s): encoding again.", path, stale)
     vq_config = config.tokenizer
     model, params = vq_lib.VQModel(vq_config.model), wd.params(workdir_lib.TOKENIZER)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
+    # Every host encodes its own slice of the dataset, each batch split over its local devices;
+    # each host writes its own shard of the cache, and process 0 seals it once all exist.
+    local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+    batch_sharding = jax.sharding.NamedSharding(local, jax.sharding.PartitionSpec("data"))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"),
+                     in_shardings=(None, batch_sharding))
     data_config = vq_config.data.copy_and_resolve_references()
     size = data_config.image_size
     if augment == "tencrop":  # LlamaGen: ten crops of a 1.1x center-resized image
         data_config.image_size = int(round(size * 1.1))
     ds = data_lib.make_image_dataset(data_config, data_config.train_split,
                                      config.tokens.batch_size, seed=0, train=False,
-                                     num_epochs=1, drop_remainder=False)
+                                     num_epochs=1, drop_remainder=False,
+                                     shard_index=jax.process_index(),
+                                     shard_count=jax.process_count())
+    wd.clear_finished(workdir_lib.TOKENS)
+    if wd.is_primary:
+        data_lib.remove_token_cache(str(path))  # a stale or half-written cache from before
+    multihost_utils.sync_global_devices("radar_jax_encode_start")
     codes, labels = [], []
     t0 = time.perf_counter()
+    n_dev = jax.local_device_count()
     for batch in ds:
-        for view in augmented_views(jnp.asarray(batch["image"]), augment, size):
-            codes.append(np.asarray(encode(params, view)))
+        images, n = np.asarray(batch["image"]), len(batch["label"])
+        pad = -n % n_dev  # the last batch: pad to a multiple of the local devices
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+        for view in augmented_views(images, augment, size):
+            codes.append(np.asarray(encode(params, view))[:n])
             labels.append(np.asarray(batch["label"]))
     codes, labels = np.concatenate(codes), np.concatenate(labels)
-    data_lib.save_token_cache(str(path), codes, labels, facts)
-    wd.mark_finished(workdir_lib.TOKENS, step=0, num_examples=len(codes), **facts)
-    logging.info("Encoded %d token maps %s in %.1fs -> %s", len(codes), codes.shape[1:],
-                 time.perf_counter() - t0, path)
+    vocab = int(vq_config.model.codebook_size)
+    data_lib.write_token_shard(str(path), jax.process_index(), codes, labels, vocab_size=vocab)
+    multihost_utils.sync_global_devices("radar_jax_encode_shards_written")
+    if wd.is_primary:
+        info = data_lib.finalize_token_cache(str(path), dict(facts, vocab_size=vocab),
+                                             num_shards=jax.process_count())
+        wd.mark_finished(workdir_lib.TOKENS, step=0, num_examples=info["num_examples"],
+                         **facts)
+    multihost_utils.sync_global_devices("radar_jax_encode_done")
+    logging.info("Encoded %d token maps %s on this host in %.1fs -> %s", len(codes),
+                 codes.shape[1:], time.perf_counter() - t0, path)
     return path

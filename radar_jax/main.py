@@ -8,7 +8,9 @@ Any config field can be overridden: `--config.train.num_steps=100`; a config fil
 argument: `--config=configs/imagenet.py:XL`.
 
 Exit status: 0 done; 2 a user error (one line on stderr naming the field, the value and the
-fix); anything else is a bug and prints its traceback.
+fix); 143 stopped by SIGTERM / Ctrl-C after saving a checkpoint (run the same command to
+resume; RADAR_PREEMPTED_STATUS changes the number); anything else is a bug and prints its
+traceback.
 """
 
 import logging
@@ -20,9 +22,11 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_io
 from radar_jax import data as data_lib
 from radar_jax import pipeline
+from radar_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(), e.g. configs/demo.py or "
@@ -38,7 +42,8 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERROR = 2
-_USER_ERRORS = (config_io.ConfigError, data_lib.DataUnavailableError)
+_USER_ERRORS = (config_io.ConfigError, data_lib.DataUnavailableError,
+                ckpt_lib.CheckpointMismatchError)
 
 
 def distributed_init_args(environ=os.environ, force: bool = False) -> dict | None:
@@ -46,16 +51,17 @@ def distributed_init_args(environ=os.environ, force: bool = False) -> dict | Non
 
     - JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID: any launcher, and the
       tests, start N processes by hand (JAX itself reads only the first of the three);
-    - SLURM with more than one task, and Cloud TPU VM slices with more than one worker:
-      jax.distributed.initialize() detects those clusters by itself;
-    - `force` (--multihost): initialise whatever the environment says.
+    - SLURM with more than one task, and GKE TPU slices (TPU_WORKER_HOSTNAMES lists several
+      workers): jax.distributed.initialize() detects those clusters by itself;
+    - `force` (--multihost): initialise and let JAX detect the cluster. A GCE TPU VM slice sets
+      no environment variable to see it by, so launch/tpu.sh passes --multihost there (JAX
+      then reads the slice from the TPU metadata server).
     """
     if "JAX_COORDINATOR_ADDRESS" in environ and "JAX_NUM_PROCESSES" in environ:
         return dict(coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
                     num_processes=int(environ["JAX_NUM_PROCESSES"]),
                     process_id=int(environ.get("JAX_PROCESS_ID", "0")))
     slurm = int(environ.get("SLURM_NTASKS", "1")) > 1
-    # TPU_WORKER_HOSTNAMES lists a slice's workers (GCE TPU VMs and GKE alike).
     tpu_slice = "," in environ.get("TPU_WORKER_HOSTNAMES", "") or \
         environ.get("MEGASCALE_COORDINATOR_ADDRESS")
     return {} if (force or slurm or tpu_slice) else None
@@ -76,6 +82,9 @@ def main(argv):
                  jax.process_index(), jax.process_count())
     try:
         pipeline.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except preemption.Preempted as e:
+        logging.warning("radar_jax: %s.", e)
+        sys.exit(preemption.PREEMPTED_STATUS)
     except _USER_ERRORS as e:
         # Every config has the tokenizer's data under config.tokenizer.data.
         message = str(e).replace("--config.data.", "--config.tokenizer.data.")

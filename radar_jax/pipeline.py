@@ -3,6 +3,7 @@
   tokenizer   train (or convert) the tokenizer              radar_jax/train_vq.py
   tokens      encode the training split once               radar_jax/encode.py
   generator   train RadAR on the token cache               radar_jax/train.py
+  tokenizer_tpt  post-train the decoder (config.tpt.enabled)  radar_jax/tpt.py
   samples     sample PNG grid + growth GIF, then quality   radar_jax/samples.py, quality.py
 
 A config runs the stages it has sections for (`stages_of`): a tokenizer-only config (just
@@ -22,9 +23,11 @@ import ml_collections
 from radar_jax import config_defaults as cd
 from radar_jax import config_io
 from radar_jax import data as data_lib
+from radar_jax import validate
 from radar_jax import workdir as workdir_lib
 
-MODES = ("all", "train_vq", "cache_tokens", "train", "sample", "eval")
+MODES = ("all", "train_vq", "cache_tokens", "train", "post_train_vq", "sample", "eval",
+         "edit")
 _GENERATOR_SECTIONS = ("tokens", "model", "schedule", "train", "sample")
 
 
@@ -32,16 +35,22 @@ def stages_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The stages a config defines: the tokenizer, plus everything after it when the config
     has the generator's sections."""
     if "tokenizer" not in config:
-        raise config_io.ConfigError("the config has no `tokenizer` section: every config defines the "
-                         "tokenizer it uses (see configs/demo_vq.py).")
+        raise config_io.ConfigError("the config has no `tokenizer` section: every config "
+                                    "defines the tokenizer it uses (see configs/demo_vq.py).")
     present = [name for name in _GENERATOR_SECTIONS if name in config]
     if not present:
         return (workdir_lib.TOKENIZER,)
     missing = [name for name in _GENERATOR_SECTIONS if name not in config]
     if missing:
-        raise config_io.ConfigError(f"the config has {present} but not {missing}: a generator config "
-                         "needs all of tokens, model, schedule, train and sample.")
-    return workdir_lib.STAGES
+        raise config_io.ConfigError(f"the config has {present} but not {missing}: a generator "
+                                    "config needs tokens, model, schedule, train and sample.")
+    # Tokenizer post-training is a stage only when the config turns it on.
+    return tuple(s for s in workdir_lib.STAGES
+                 if s != workdir_lib.TOKENIZER_TPT or _tpt_on(config))
+
+
+def _tpt_on(config) -> bool:
+    return "tpt" in config and bool(config.tpt.enabled)
 
 
 def _check_before_work(config, stages, mode):
@@ -49,25 +58,40 @@ def _check_before_work(config, stages, mode):
     if mode not in MODES:
         raise config_io.ConfigError(f"--mode={mode!r}: choose one of {', '.join(MODES)}.")
     if mode not in ("all", "train_vq") and len(stages) == 1:
-        raise config_io.ConfigError(f"--mode={mode} needs a generator config (e.g. configs/demo.py); this "
-                         "config only defines a tokenizer (use --mode=train_vq).")
+        raise config_io.ConfigError(f"--mode={mode} needs a generator config (e.g. "
+                                    "configs/demo.py); this config only defines a tokenizer "
+                                    "(use --mode=train_vq).")
+    validate.check_config(config, stages)
+    if mode == "post_train_vq" and "tpt" not in config:
+        raise config_io.ConfigError("--mode=post_train_vq needs a `tpt` section in the config "
+                                    "(config_defaults.tpt(); configs/demo.py has one).")
+    if mode == "post_train_vq" or _tpt_on(config):
+        from radar_jax import tpt  # pylint: disable=g-import-not-at-top
+        try:
+            tpt.check_config(config)
+        except ValueError as e:
+            raise config_io.ConfigError(str(e)) from None
     vq = config.tokenizer
     # Missing data is the most common first-run failure: say how to get it, with no trace.
     data_lib.check_data_available(vq.data)
     if not vq.num_steps and not vq.init_from:
-        raise config_io.ConfigError("config.tokenizer.num_steps=0 and no init_from: pass the LlamaGen VQ-16 "
-                         "checkpoint you downloaded, e.g. --config.tokenizer.init_from=/path/to/"
-                         "vq_ds16_c2i.pt (or train one with --config.tokenizer.num_steps=N).")
+        raise config_io.ConfigError(
+            "config.tokenizer.num_steps=0 and no init_from: pass the LlamaGen VQ-16 checkpoint "
+            "you downloaded, e.g. --config.tokenizer.init_from=/path/to/vq_ds16_c2i.pt (or "
+            "train one with --config.tokenizer.num_steps=N).")
     if len(stages) > 1:
         # Building the schedule validates it (kind, sizes, steps) in milliseconds.
-        cd.schedule_from_config(config.schedule, config.model.grid)
-        cd.correction_band(config.schedule.correction_band)
+        try:
+            cd.schedule_from_config(config.schedule, config.model.grid)
+        except ValueError as e:
+            raise config_io.ConfigError(f"config.schedule: {e}") from None
 
 
 def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
     """Runs `mode` ('all' or one stage) of `config` in `workdir` (a local path or gs://)."""
     stages = stages_of(config)
     _check_before_work(config, stages, mode)
+    validate.check_workdir_writable(workdir)
     wd = workdir_lib.Workdir(workdir)
     t0 = time.perf_counter()
     vq = config.tokenizer
@@ -98,6 +122,16 @@ def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
                          metrics={k: float(v) for k, v in metrics.items()})
     elif mode == "all":
         logging.info("Generator stage finished earlier: skipping.")
+    if mode == "post_train_vq" or (mode == "all" and _tpt_on(config) and not wd.is_finished(
+            workdir_lib.TOKENIZER_TPT, config.tpt.num_steps)):
+        from radar_jax import tpt  # pylint: disable=g-import-not-at-top
+        metrics = tpt.train_and_evaluate(config, wd)
+        wd.mark_finished(workdir_lib.TOKENIZER_TPT, config.tpt.num_steps, metrics=metrics)
+    elif mode == "all" and _tpt_on(config):
+        logging.info("Tokenizer post-training finished earlier: skipping.")
+    if mode == "edit":  # zero-shot editing of config.edit.input (radar_jax/editing.py)
+        from radar_jax import editing  # pylint: disable=g-import-not-at-top
+        editing.write_edit(config, wd)
     if mode in ("all", "sample"):
         from radar_jax import samples  # pylint: disable=g-import-not-at-top
         samples.write_samples(config, wd)

@@ -5,6 +5,8 @@ One run's workdir (a local folder or gs://bucket/run) holds one folder per stage
   tokenizer/   tokenizer training: checkpoints/, metrics.jsonl, reconstructions.png, params/
   tokens/      the training set encoded once by the tokenizer (the token cache)
   generator/   RadAR training: checkpoints/, metrics.jsonl, params/, schedule.json
+  tokenizer_tpt/  optional tokenizer post-training (TPT): checkpoints/, metrics.jsonl, params/
+               (the whole tokenizer, new decoder), projector/, eval.json
   samples/     samples.png (a row per class), growth.gif, codes.npz, metrics.json
 
 This module is the only one that spells those names; every other module asks a `Workdir` for a
@@ -34,7 +36,10 @@ from radar_jax import fileio
 from radar_jax import schedules
 
 TOKENIZER, TOKENS, GENERATOR, SAMPLES = "tokenizer", "tokens", "generator", "samples"
-STAGES = (TOKENIZER, TOKENS, GENERATOR, SAMPLES)
+# Tokenizer post-training (radar_jax/tpt.py): runs after the generator, only when the config
+# turns it on; its params then decode everything later (`decoder_params`), the original kept.
+TOKENIZER_TPT = "tokenizer_tpt"
+STAGES = (TOKENIZER, TOKENS, GENERATOR, TOKENIZER_TPT, SAMPLES)
 _RECORD = "finished.json"
 _SCHEDULE = "schedule.json"
 
@@ -81,13 +86,23 @@ class Workdir:
         if self.is_primary:
             fileio.write_json(self.stage(name) / _RECORD, dict(step=int(step), **facts))
 
+    def clear_finished(self, name: str) -> None:
+        """Removes stage `name`'s record before it is redone, so a run killed while redoing
+        it does not find the old record and skip a half-written stage."""
+        record = self.stage(name) / _RECORD
+        if self.is_primary and record.exists():
+            record.unlink()
+
     def is_finished(self, name: str, num_steps: int = 0) -> bool:
         """True when stage `name` has a record for at least `num_steps` steps, its params (for
         training stages) are exported, and no newer checkpoint says it went on after that."""
         record = self.record(name)
         if record is None or record.get("step", -1) < num_steps:
             return False
-        if name in (TOKENIZER, GENERATOR):
+        if name == TOKENS:
+            from radar_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+            return data_lib.token_cache_state(str(self.token_cache)) == "complete"
+        if name in (TOKENIZER, GENERATOR, TOKENIZER_TPT):
             if not self.params_path(name).exists():
                 return False
             latest = ckpt_lib.latest_step(self.checkpoints_path(name))
@@ -127,9 +142,15 @@ class Workdir:
         if name not in self._loaded:
             path = self.params_path(name)
             if not path.exists():
-                flag = {TOKENIZER: "train_vq", GENERATOR: "train"}.get(name, name)
+                flag = {TOKENIZER: "train_vq", GENERATOR: "train",
+                        TOKENIZER_TPT: "post_train_vq"}.get(name, name)
                 raise FileNotFoundError(f"No {name} params at {path}: run the {name} stage "
                                         f"first (--mode={flag}, or --mode=all).")
             logging.info("Loading the %s params from %s.", name, path)
             self._loaded[name] = jax.device_put(ckpt_lib.load_params(path))
         return self._loaded[name]
+
+    def decoder_params(self) -> Any:
+        """The tokenizer params every DECODE uses: the post-trained (TPT) tokenizer's when that
+        stage is finished, else the tokenizer's. Encoding always uses params(TOKENIZER)."""
+        return self.params(TOKENIZER_TPT if self.is_finished(TOKENIZER_TPT) else TOKENIZER)

@@ -2,9 +2,9 @@
 
 `load_state_dict(path)` reads a flat {torch name: numpy array} dict from a `.pt`, `.npz` or
 `.safetensors` file; `load_llamagen_vq(path)` turns a LlamaGen VQ tokenizer checkpoint into
-`(config, params)` for `radar_jax.models.vq.VQModel`; `load_llamagen_gpt(path)` a LlamaGen GPT
-into the transformer's; `load_dinov2(path)` DINOv2 (Hugging Face safetensors or torch-hub .pth)
-into `radar_jax.models.dinov2.DINOv2`'s.
+`(config, params)` for `radar_jax.models.vq.VQModel`; `load_llamagen_gpt(path)` a LlamaGen
+GPT into the transformer's; `load_dinov2(path)` DINOv2 (Hugging Face safetensors or torch-hub
+.pth) into `radar_jax.models.dinov2.DINOv2`'s.
 """
 
 from radar_jax.convert.dinov2 import load_dinov2

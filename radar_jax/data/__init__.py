@@ -46,6 +46,7 @@ raises one DataUnavailableError (a ValueError) that says how to fix it.
 from radar_jax.data.digits import digits_to_images
 from radar_jax.data.digits import images_to_digits
 from radar_jax.data.digits import load_digits_split
+from radar_jax.data.global_batches import GlobalTokenBatches
 from radar_jax.data.pipeline import make_image_dataset
 from radar_jax.data.pipeline import make_token_dataset
 from radar_jax.data.pipeline import SkipCounter
@@ -67,6 +68,7 @@ from radar_jax.data.token_reader import load_token_cache
 from radar_jax.data.token_reader import TokenCache
 
 __all__ = [
+    "GlobalTokenBatches",
     "BadImageError",
     "DataUnavailableError",
     "IncompleteTokenCacheError",
