@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 from sklearn import decomposition, svm
+
+from radar_jax.metrics import adm
 
 DIGITS_MAX = 16.0  # sklearn's digits hold gray levels 0..16
 
@@ -69,9 +68,9 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (the FID formula).
 
     d = ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), with unbiased
-    covariances (ddof 1). If the matrix square root is not finite, or scipy warns that the
-    product is singular (e.g. fewer samples than dimensions), it is recomputed with eps * I
-    added to both covariances; the tiny imaginary part that round-off leaves is dropped.
+    covariances (ddof 1), computed by `radar_jax.metrics.adm.frechet_distance` (ADM's handling:
+    eps * I added to both covariances if the square root is not finite; round-off imaginary
+    parts dropped).
 
     Args:
       feats_a: (Na, D) float; feats_b: (Nb, D) float; Na, Nb >= 2.
@@ -86,20 +85,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     if min(a.shape[0], b.shape[0]) < 2:
         raise ValueError(f"need at least 2 samples per set for a covariance, got {a.shape[0]} "
                          f"and {b.shape[0]}")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
-    if singular or not np.all(np.isfinite(covmean)):
-        # scipy warns when the product is singular and its root may be inaccurate.
-        offset = eps * np.eye(cov_a.shape[0])
-        covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = np.real(covmean)
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+    return adm.frechet_distance(*adm.statistics(a), *adm.statistics(b), eps=eps)
 
 
 def _as_digit_rows(images_8x8) -> np.ndarray:

@@ -166,7 +166,7 @@ def test_converter_names_missing_and_misshaped_keys(reference):
 
 
 def test_converter_rejects_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="do not exist"):
         convert.load_inception(tmp_path / "nope.pth")
 
 

@@ -144,5 +144,8 @@ def load_inception(path: str | os.PathLike) -> dict:
       ValueError: the file is missing or unreadable, or a key is missing, unexpected or
         mis-shaped (each one is named).
     """
+    if not os.path.isfile(os.fspath(path)):
+        raise ValueError(f"Inception weights {os.fspath(path)!r} do not exist or are not a file: "
+                         f"{_WHICH_FILE} (download it once; nothing downloads at run time)")
     sd = load_state_dict(path)
     return variables_from_state_dict(sd, source=f"Inception weights {os.fspath(path)!r}")
