@@ -154,10 +154,16 @@ def generator_train(**overrides) -> ml_collections.ConfigDict:
     c.ema_decay = 0.0            # EMA of params (0 = off); sampling uses EMA when on
     c.known_weight = 1.0         # loss weight of known-area (correction) tokens vs new-ring tokens
     c.rni_range = (0.0, 0.0)     # RNI: per-example fraction of known inputs replaced ~ U(lo, hi)
+    c.rni_mode = "per_position"  # RNI: 'per_position' (a noised grid position has the same wrong
+                                 # code in every block re-feeding it, as at sampling time) |
+                                 # 'per_index' (each packed index noised apart: an ablation)
     c.rds = False                # RDS: train on random sub-ladders of the ring ladder
     c.rds_mode = "per_example"   # 'per_example' (padded per-example layouts) | 'per_batch'
     c.rds_keep_prob = 0.5        # probability of keeping each intermediate ring boundary
     c.rds_min_steps = 2          # fewest steps of a sampled sub-ladder
+    c.rds_full_prob = 0.25       # probability of the full ladder (the sampler's default) per draw
+    c.rds_buckets = 6            # static padded lengths of RDS batches (one compile each; 1 = pad
+                                 # to the full length); 6 wastes ~6% on euclidean-13 16x16
     c.log_every = 100
     c.ckpt_every = 5000
     c.keep_checkpoints = 3

@@ -63,7 +63,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_iter = iter(data_lib.make_token_dataset(
         codes, labels, t.batch_size // jax.process_count(), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count()))
-    layouts = ts.LayoutSampler(schedule, t, config.model.cls_token_num, seed=config.seed)
+    layouts = ts.LayoutSampler(schedule, t, config.model.cls_token_num, seed=config.seed,
+                               correction_band=cd.correction_band(
+                                   config.schedule.get("correction_band", 0)))
     # The loss of predicting every token from its marginal frequency: what the model must beat.
     freq = np.bincount(codes.ravel(), minlength=config.model.vocab_size) / codes.size
     marginal_entropy = float(-np.sum(freq[freq > 0] * np.log(freq[freq > 0])))
@@ -95,7 +97,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start = int(state.step)
 
     # ---------------------------------------------------------------- loop
+    # Throughput and MFU count useful (non-padding) tokens only: each step's FLOPs are those of
+    # its examples' real lengths, summed on the host from the layouts (no device sync).
     flops_per_step = t.batch_size * perf.train_flops_per_sequence(config.model, layouts.length)
+    useful_tokens = useful_flops = 0.0
+    flops_fn = ts.train_flops_fn(config.model)
     peak = perf.measure_matmul_peak(jnp.bfloat16 if config.model.dtype == "bfloat16"
                                     else jnp.float32) * jax.device_count()
     logging.info("Measured matmul peak %.1f GFLOP/s over %d device(s); %.2f GFLOP per step.",
@@ -108,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for step in range(start + 1, t.num_steps + 1):
             batch = next(train_iter)
             meta = layouts(step, t.batch_size // jax.process_count())
+            lengths = ts.sequence_lengths(meta, t.batch_size // jax.process_count())
+            useful_tokens += float(lengths.sum()) * jax.process_count()
+            useful_flops += float(flops_fn(lengths).sum()) * jax.process_count()
             codes_BN = batch["codes"].reshape(len(batch["codes"]), -1)
             device_batch = sharding.shard_batch((codes_BN, batch["label"]), mesh)
             meta = {k: (sharding.shard_batch(v, mesh) if v.ndim == 2
@@ -116,8 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if step % t.log_every == 0 or step == t.num_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 steps_per_s = progress.rate(step)
-                metrics["tokens_per_s"] = metrics.pop("tokens") * steps_per_s
-                metrics["mfu"] = flops_per_step * steps_per_s / peak
+                metrics.pop("tokens")
+                metrics["tokens_per_s"] = useful_tokens / (step - start) * steps_per_s
+                metrics["mfu"] = useful_flops / (step - start) * steps_per_s / peak
                 metrics["marginal_entropy"] = marginal_entropy
                 writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
                 progress.update(step, loss=metrics["loss"], new=metrics["loss_new"],

@@ -172,32 +172,42 @@ def test_loss_split_matches_an_independent_cross_entropy():
 
 
 def _kept_steps(schedule, example):
-    """Recovers which steps of `schedule` a (padded) RDS layout kept, from its block sizes."""
+    """Recovers which steps of `schedule` a (padded) RDS layout kept, from its new-ring sizes
+    (so it works with any correction band)."""
     n = int(example["valid"].sum())
     assert example["valid"][:n].all() and not example["valid"][n:].any()
-    steps = example["step"][:n][~example["is_class"][:n]]
-    block_sizes = np.bincount(steps)
-    keep = np.searchsorted(schedule.canvas_sizes, block_sizes)
-    np.testing.assert_array_equal(schedule.canvas_sizes[keep], block_sizes)
+    new = example["is_new"][:n]
+    canvas = np.cumsum(np.bincount(example["step"][:n][new]))
+    keep = np.searchsorted(schedule.canvas_sizes, canvas)
+    np.testing.assert_array_equal(schedule.canvas_sizes[keep], canvas)
     return keep, n
 
 
-def test_layout_sampler_rds_per_example():
+@pytest.mark.parametrize("band", [None, 2])
+def test_layout_sampler_rds_per_example(band):
     schedule = schedules.make_schedule("euclidean", (8, 8))  # 7 steps
     t = cd.generator_train(rds=True, rds_mode="per_example", rds_min_steps=3)
-    sampler = train_step.LayoutSampler(schedule, t, seed=5)
-    full_length = len(schedules.layout_metadata(schedule)["step"])
-    assert sampler.length == full_length
+    sampler = train_step.LayoutSampler(schedule, t, seed=5, correction_band=band)
+    full_length = len(schedules.layout_metadata(schedule, correction_band=band)["step"])
+    assert sampler.length == full_length == sampler.bucket_lengths[-1]
+    buckets = [0] + list(sampler.bucket_lengths)
+    assert 1 < len(buckets) - 1 <= t.rds_buckets
     meta = sampler(step=7, batch_size=16)
     assert set(meta) == set(train_step.META_KEYS)
-    assert all(v.shape == (16, full_length) for v in meta.values())
+    padded = meta["step"].shape[1]
+    assert padded in sampler.bucket_lengths
+    assert all(v.shape == (16, padded) for v in meta.values())
 
     ladders = set()
     for i in range(16):
         example = {k: v[i] for k, v in meta.items()}
         keep, n = _kept_steps(schedule, example)
         assert keep[0] == 0 and keep[-1] == schedule.num_steps - 1 and len(keep) >= 3
-        expected = schedules.layout_metadata(schedules.merge_rings(schedule, keep))
+        # Every example of the batch lies in the batch's bucket: longer than the next smaller
+        # bucket, so it would not fit there (padding is bounded by the bucket's width).
+        assert buckets[buckets.index(padded) - 1] < n <= padded
+        expected = schedules.layout_metadata(schedules.merge_rings(schedule, keep),
+                                             correction_band=band)
         for key, value in expected.items():
             np.testing.assert_array_equal(example[key][:n], value, err_msg=key)
         # Padding feeds and predicts nothing.
@@ -208,13 +218,75 @@ def test_layout_sampler_rds_per_example():
 
     # Deterministic in (seed, step) -- a fresh sampler too, as after a resume -- and different
     # for another step or seed.
-    again = train_step.LayoutSampler(schedule, t, seed=5)(step=7, batch_size=16)
+    again = train_step.LayoutSampler(schedule, t, seed=5, correction_band=band)(7, 16)
     for key in train_step.META_KEYS:
         np.testing.assert_array_equal(meta[key], again[key])
     other_step = sampler(step=8, batch_size=16)
-    other_seed = train_step.LayoutSampler(schedule, t, seed=6)(step=7, batch_size=16)
+    other_seed = train_step.LayoutSampler(schedule, t, seed=6, correction_band=band)(7, 16)
     assert not np.array_equal(meta["step"], other_step["step"])
     assert not np.array_equal(meta["step"], other_seed["step"])
+
+
+def test_rds_ladder_distribution_and_full_ladder_probability():
+    """Bucketing must not bias which ladders are trained: at every batch slot, the ladder has
+    the RDS distribution. Checked by the full ladder's frequency, hand-computed: drawn outright
+    with probability p = rds_full_prob, else by sample_sub_ladder, which keeps each of the K-2
+    inner steps with probability 1/2, so P(full) = p + (1 - p) / 2^(K-2)."""
+    schedule = schedules.make_schedule("euclidean", (6, 6))  # 5 steps
+    k = schedule.num_steps
+    for p in (0.25, 1.0):
+        t = cd.generator_train(rds=True, rds_full_prob=p)
+        sampler = train_step.LayoutSampler(schedule, t, seed=0)
+        full = sampler.length
+        # Slot 0 picks the bucket; slot 3 is drawn conditioned on it.
+        lengths_SB = np.stack([train_step.sequence_lengths(sampler(step, 4), 4)
+                               for step in range(1, 1001)])
+        expected = p + (1 - p) / 2 ** (k - 2)
+        for slot in (0, 3):
+            freq = float(np.mean(lengths_SB[:, slot] == full))
+            assert abs(freq - expected) < 0.05, (p, slot, freq, expected)  # s.e. <= 0.016
+    # The uniform mean length of all 2^(K-2) ladders (keep_prob 1/2, no full_prob, min 2):
+    # hand-enumerated with merge_rings, against the sampler's slot 3.
+    t = cd.generator_train(rds=True, rds_full_prob=0.0, rds_keep_prob=0.5)
+    sampler = train_step.LayoutSampler(schedule, t, seed=1)
+    enumerated = []
+    for bits in range(2 ** (k - 2)):
+        keep = [0] + [i + 1 for i in range(k - 2) if bits >> i & 1] + [k - 1]
+        enumerated.append(len(schedules.layout_metadata(
+            schedules.merge_rings(schedule, keep))["step"]))
+    slot3 = [train_step.sequence_lengths(sampler(step, 4), 4)[3] for step in range(1, 1001)]
+    assert abs(np.mean(slot3) - np.mean(enumerated)) < 0.05 * np.mean(enumerated)
+
+
+def test_choose_buckets_is_optimal():
+    """Against brute force over every set of bucket lengths (the last is the longest)."""
+    import itertools  # pylint: disable=g-import-not-at-top
+    lengths = np.random.default_rng(0).integers(10, 60, 40)
+    values = np.unique(lengths)
+    padded = lambda b: sum(min(x for x in b if x >= n) for n in lengths)
+    for num in (1, 2, 3):
+        best = min(padded(c + (values[-1],))
+                   for c in itertools.combinations(values[:-1], num - 1))
+        got = train_step.choose_buckets(lengths, num)
+        assert len(got) == num and got[-1] == values[-1]
+        assert padded(tuple(got)) == best
+
+
+def test_rds_padding_waste_below_ten_percent_on_euclidean_13():
+    """The default RDS settings on euclidean-13 (16x16): the padding share of token-forwards is
+    under 10%; padding every example to the full length (one bucket) wastes far more."""
+    schedule = schedules.make_schedule("euclidean", (16, 16))
+    waste = {}
+    for buckets in (1, cd.generator_train().rds_buckets):
+        sampler = train_step.LayoutSampler(
+            schedule, cd.generator_train(rds=True, rds_buckets=buckets))
+        waste[buckets] = sampler.padding_waste(num_batches=48, batch_size=4)
+        # Independently, from the batches themselves.
+        metas = [sampler(step, 4) for step in range(1, 49)]
+        valid = sum(int(m["valid"].sum()) for m in metas)
+        assert np.isclose(waste[buckets], 1 - valid / sum(m["valid"].size for m in metas))
+    assert waste[cd.generator_train().rds_buckets] < 0.10, waste
+    assert waste[1] > 0.25, waste
 
 
 def test_layout_sampler_per_batch_and_off():
@@ -222,7 +294,7 @@ def test_layout_sampler_per_batch_and_off():
     per_batch = train_step.LayoutSampler(
         schedule, cd.generator_train(rds=True, rds_mode="per_batch"))
     meta = per_batch(step=3, batch_size=16)
-    assert meta["step"].shape == (per_batch.length,)
+    assert meta["step"].shape[0] in per_batch.bucket_lengths and meta["step"].ndim == 1
     keep, n = _kept_steps(schedule, meta)
     expected = schedules.layout_metadata(schedules.merge_rings(schedule, keep))
     np.testing.assert_array_equal(meta["flat_pos"][:n], expected["flat_pos"])
@@ -234,9 +306,10 @@ def test_layout_sampler_per_batch_and_off():
         assert meta["valid"].all() and meta["step"].shape == full["step"].shape
         for key, value in full.items():
             np.testing.assert_array_equal(meta[key], value)
-    bad = train_step.LayoutSampler(schedule, cd.generator_train(rds=True, rds_mode="sometimes"))
     with pytest.raises(ValueError, match="rds_mode='sometimes'"):
-        bad(step=1, batch_size=2)
+        train_step.LayoutSampler(schedule, cd.generator_train(rds=True, rds_mode="sometimes"))
+    with pytest.raises(ValueError, match="rds_full_prob=1.5"):
+        train_step.LayoutSampler(schedule, cd.generator_train(rds=True, rds_full_prob=1.5))
 
 
 def test_padded_rds_layouts_give_the_unpadded_loss():
