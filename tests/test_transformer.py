@@ -262,30 +262,6 @@ def test_bfloat16_compute_close_to_float32(setup):
     np.testing.assert_allclose(out, ref, atol=0.05 * np.abs(ref).max())
 
 
-def test_train_mode_dropouts_and_remat_match():
-    """Dropout / drop path need the 'dropout' rng; remat changes memory, not values."""
-    outs = []
-    for remat in (False, True):
-        config = T.model_config("tiny", block_size=16, remat=remat, token_dropout_p=0.1,
-                                resid_dropout_p=0.1, ffn_dropout_p=0.1, attn_dropout_p=0.1,
-                                drop_path_rate=0.2)
-        params = with_random_head(T.init_params(config, jax.random.key(0)))
-        layout = nested_layout(RING_4x4)
-        model = T.Transformer(config)
-        tokens = _tokens(2, 31)
-
-        def loss(p):
-            logits, _ = model.apply({"params": p}, tokens, np.array([1, 2]),
-                                    layout["flat_pos"], layout["is_new"], layout["is_class"],
-                                    layout["mask"], train=True, rngs={"dropout": jax.random.key(3)})
-            return jnp.mean(logits ** 2)
-        outs.append(jax.jit(jax.value_and_grad(loss))(params))
-    (v0, g0), (v1, g1) = outs
-    np.testing.assert_allclose(v0, v1, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)
-    assert float(jnp.abs(g0["layers_0"]["feed_forward"]["w2"]["kernel"]).sum()) > 0
-
-
 def test_bad_inputs_raise_clear_errors(setup):
     config, params, layout, model, _ = setup
     with pytest.raises(ValueError, match="mask has shape"):
@@ -297,3 +273,162 @@ def test_bad_inputs_raise_clear_errors(setup):
         T.model_config("tiny", grid=(4, 8))
     with pytest.raises(ValueError, match="unknown model size"):
         T.model_config("XXL")
+
+
+# ----------------------------------------------------------------------------------------------
+# Switches: attention core, scan over layers, remat policies, float32 residual, chunked loss.
+# Each is checked against the default path with the same parameters.
+# ----------------------------------------------------------------------------------------------
+def _nested_args(layout, batch=2, seed=1):
+    return (_tokens(batch, len(layout["flat_pos"]), seed), np.array([3, 10][:batch], np.int32),
+            layout["flat_pos"], layout["is_new"], layout["is_class"], layout["mask"])
+
+
+def test_dot_product_attention_equals_einsum_core(setup):
+    """jax.nn.dot_product_attention gives the einsum core's logits, with and without a cache."""
+    config, params, layout, _, apply = setup
+    dp = T.Transformer(T.model_config("tiny", block_size=16, n_kv_head=2,
+                                      attention_impl="dot_product"))
+    dp_apply = jax.jit(lambda p, *a, **kw: dp.apply({"params": p}, *a, **kw))
+    args = _nested_args(layout)
+    ref = apply(params, *args)[0]
+    np.testing.assert_allclose(dp_apply(params, *args)[0], ref, atol=1e-5)
+    # One cached block (the last step's 16 tokens) over 40 slots, 9 of them empty and hidden.
+    length, n_slots = len(layout["flat_pos"]), len(layout["flat_pos"]) + 9
+    idx = slice(length - 16, length)
+    mask_LS = np.zeros((16, n_slots), bool)
+    mask_LS[:, :length] = layout["mask"][idx]
+    cache = T.init_cache(config, 2, n_slots)
+    cache = apply(params, args[0][:, :length - 16], args[1], *(a[:length - 16] for a in args[2:5]),
+                  np.pad(layout["mask"][:length - 16], ((0, 0), (0, 9))), cache=cache,
+                  cache_index=jnp.int32(0))[1]
+    block = (args[0][:, idx], args[1], *(a[idx] for a in args[2:5]), mask_LS)
+    out_ref, cache_ref = apply(params, *block, cache=cache, cache_index=jnp.int32(length - 16))
+    out_dp, cache_dp = dp_apply(params, *block, cache=cache, cache_index=jnp.int32(length - 16))
+    np.testing.assert_allclose(out_dp, ref[:, idx], atol=1e-4)
+    np.testing.assert_allclose(out_dp, out_ref, atol=1e-5)
+    np.testing.assert_allclose(cache_dp["layers_1"]["k"], cache_ref["layers_1"]["k"], atol=1e-6)
+
+
+def _ce_loss(model, tokens, args):
+    def loss(p):
+        logits, _ = model.apply({"params": p}, *args)
+        return jnp.mean(optax_ce(logits, tokens))
+    return loss
+
+
+def optax_ce(logits_BLV, targets_BL):
+    """Reference cross-entropy: -log softmax at the target, in float64 numpy-free jnp."""
+    logp_BLV = jax.nn.log_softmax(logits_BLV, axis=-1)
+    return -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+
+
+def test_scan_layers_equals_the_layer_loop(setup):
+    """scan_layers with the loop's params restacked: same logits and (restacked) gradients;
+    with a remat policy on top, and the 'layers' logical axis on every stacked parameter."""
+    config, params, layout, model, apply = setup
+    scan_config = T.model_config("tiny", block_size=16, n_kv_head=2, scan_layers=True,
+                                 remat_policy="minimal")
+    scan_model = T.Transformer(scan_config)
+    stacked = T.stack_layer_params(params, config.n_layer)
+    assert stacked["layers"]["attention"]["wqkv"]["kernel"].shape == (2, 64, 128)
+    specs = T.param_logical_axes(scan_config)
+    assert tuple(specs["layers"]["attention"]["wqkv"]["kernel"]) == ("layers", "embed", "qkv")
+    fresh = T.init_params(scan_config, jax.random.key(0))
+    assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, stacked)
+
+    args = _nested_args(layout)
+    np.testing.assert_allclose(scan_model.apply({"params": stacked}, *args)[0],
+                               apply(params, *args)[0], atol=1e-5)
+    g_loop = jax.jit(jax.grad(_ce_loss(model, args[0], args)))(params)
+    g_scan = jax.jit(jax.grad(_ce_loss(scan_model, args[0], args)))(stacked)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 T.unstack_layer_params(g_scan), g_loop)
+    with pytest.raises(ValueError, match="scan_layers=True has no KV-cache"):
+        scan_model.apply({"params": stacked}, *args[:5], np.ones((31, 40), bool),
+                         cache=T.init_cache(config, 2, 40), cache_index=0)
+
+
+def test_remat_policies_keep_gradients():
+    """Every remat policy (and the old remat=True) gives the no-remat gradients in train mode
+    (dropouts and drop path need the 'dropout' rng; remat changes memory, not values)."""
+    layout = nested_layout(RING_4x4)
+    tokens = _tokens(2, 31)
+    kw = dict(block_size=16, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
+              attn_dropout_p=0.1, drop_path_rate=0.2)
+    params = with_random_head(T.init_params(T.model_config("tiny", **kw), jax.random.key(0)))
+    grads = {}
+    for name, extra in (("none", {}), ("remat=True", dict(remat=True)),
+                        ("minimal", dict(remat_policy="minimal")),
+                        ("dots_saveable", dict(remat_policy="dots_saveable"))):
+        model = T.Transformer(T.model_config("tiny", **kw, **extra))
+
+        def loss(p, model=model):
+            logits, _ = model.apply({"params": p}, tokens, np.array([1, 2]), layout["flat_pos"],
+                                    layout["is_new"], layout["is_class"], layout["mask"],
+                                    train=True, rngs={"dropout": jax.random.key(3)})
+            return jnp.mean(optax_ce(logits, tokens))
+        grads[name] = jax.jit(jax.grad(loss))(params)
+    assert T.remat_policy(T.model_config("tiny", remat=True)) == "full"
+    for name in ("remat=True", "minimal", "dots_saveable"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                     grads[name], grads["none"])
+    assert float(jnp.abs(grads["none"]["layers_0"]["feed_forward"]["w2"]["kernel"]).sum()) > 0
+
+
+def test_float32_residual_stream(setup):
+    """float32 mode: the switch changes nothing. bfloat16 mode: the residual stream and the
+    logits stay float32, and the result is closer to the float32 model than all-bfloat16."""
+    _, params, layout, _, apply = setup
+    args = _nested_args(layout)
+    ref = np.asarray(apply(params, *args)[0])
+    old_f32 = T.Transformer(T.model_config("tiny", block_size=16, n_kv_head=2,
+                                           residual_float32=False))
+    old_apply = jax.jit(lambda p, *a, **kw: old_f32.apply({"params": p}, *a, **kw))
+    np.testing.assert_array_equal(old_apply(params, *args)[0], ref)
+
+    errors = {}
+    for res32 in (True, False):
+        model = T.Transformer(T.model_config("tiny", block_size=16, n_kv_head=2,
+                                             dtype="bfloat16", residual_float32=res32))
+        hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+        assert hidden.dtype == (jnp.float32 if res32 else jnp.bfloat16)
+        out = np.asarray(model.apply({"params": params}, *args)[0])
+        errors[res32] = np.abs(out - ref).mean()
+    assert errors[True] < errors[False], errors
+
+
+def test_chunked_cross_entropy_equals_full_logits(setup):
+    """Chunked head + CE (chunks that do not divide L) = CE of the full logits; same gradients
+    with respect to the params, through the hidden states too."""
+    _, params, layout, model, _ = setup
+    args = _nested_args(layout)
+    targets = _tokens(2, 31, seed=7)
+    weights = np.ones((2, 31), np.float32)
+    weights[:, ::5] = 0.0
+    targets_masked = np.where(weights > 0, targets, -1)  # ignored targets may be out of range
+
+    def full(p):
+        logits, _ = model.apply({"params": p}, *args)
+        return optax_ce(logits, targets) * weights, jnp.argmax(logits, -1) == targets
+
+    def chunked(p):
+        hidden, _ = model.apply({"params": p}, *args, return_hidden=True)
+        return T.chunked_cross_entropy(model, p, hidden, targets_masked, weights, chunk=8)
+
+    (ce_ref, ok_ref), (ce, ok) = jax.jit(full)(params), jax.jit(chunked)(params)
+    assert ce.shape == (2, 31) and ce.dtype == jnp.float32 and ok.dtype == jnp.bool_
+    np.testing.assert_allclose(ce, ce_ref, atol=1e-5)
+    np.testing.assert_array_equal(ok, np.asarray(ok_ref) & (weights > 0))
+    total = lambda f: lambda p: jnp.sum(f(p)[0])
+    g_ref, g = jax.jit(jax.grad(total(full)))(params), jax.jit(jax.grad(total(chunked)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
+
+
+def test_unavailable_switches_raise_clear_errors():
+    with pytest.raises(ValueError, match="splash"):
+        T.model_config("tiny", attention_impl="splash")
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        T.model_config("tiny", attention_impl="flash")
+    with pytest.raises(ValueError, match="remat_policy='some'"):
+        T.model_config("tiny", remat_policy="some")

@@ -6,26 +6,40 @@ one block at a time. The module never builds masks or layouts itself: callers pa
 metadata (`flat_pos`, `is_new`, `is_class`) and a boolean mask, usually from `schedules.py`.
 
 Architecture (LlamaGen's GPT, autoregressive/models/gpt.py): class token from a label table with
-a null row for CFG, RMSNorm pre-norm blocks, fused `wqkv` attention with 2D RoPE, SwiGLU MLP,
-final RMSNorm and a zero-initialised output head. Parameter names mirror LlamaGen's state dict
-(`layers.0.attention.wqkv.weight` -> `layers_0/attention/wqkv/kernel`), so the converter in
-`radar_jax.convert.gpt` is a renaming table plus transposes.
+a null row for CFG, RMSNorm pre-norm blocks, fused `wqkv` attention with 2D RoPE (in
+`radar_jax.models.attention`), SwiGLU MLP, final RMSNorm and a zero-initialised output head; the
+config fields are in `radar_jax.models.transformer_config` (re-exported here).
+Parameter names mirror LlamaGen's state dict (`layers.0.attention.wqkv.weight` ->
+`layers_0/attention/wqkv/kernel`), so the converter in `radar_jax.convert.gpt` is a renaming
+table plus transposes. With `scan_layers=True` the blocks are one `nn.scan` and their params are
+stacked under `layers/...` with a leading 'layers' axis (`stack_layer_params` /
+`unstack_layer_params` convert between the two layouts).
+
+Precision in bfloat16 mode (`residual_float32=True`, the default, as LlamaGen's autocast does):
+the residual stream, the norms and the logits are float32; the attention and MLP matmuls and
+the output head's matmul run on bfloat16 operands (the head accumulates into float32 logits).
+`residual_float32=False` is the older all-bfloat16 stream. In float32 mode both are identical.
 
 RadAR's additions: `prompt_embedding`, one learnable (dim,) vector fed at every new-ring
 position, and arbitrary boolean attention masks instead of LlamaGen's causal one.
+
+Memory: `remat_policy` rematerialises each block in the backward pass ('full' saves nothing,
+'minimal' saves the weight matmuls' outputs and recomputes attention, 'dots_saveable' saves
+every matmul); `chunked_cross_entropy` computes the head and the loss over chunks of the
+sequence so the (B, L, V) float32 logits are never live at once.
 
 Logical axis names on parameters (map them to mesh axes in `radar_jax.sharding`):
   tok_embeddings ('vocab', 'embed'); cls_embedding ('classes', 'embed') -- its own name because
   1000 classes + 1 null row rarely divides a mesh axis, so rules normally leave it replicated;
   wqkv ('embed', 'qkv'); wo ('heads', 'embed'); w1/w3 ('embed', 'mlp'); w2 ('mlp', 'embed');
-  norms ('norm',); output ('embed', 'vocab'); prompt_embedding ('embed',).
+  norms ('norm',); output ('embed', 'vocab'); prompt_embedding ('embed',); scanned layers get a
+  leading 'layers' axis (replicated unless a rule names it).
 Activations: the residual stream is constrained to ('batch', 'length', 'embed') and the logits to
 ('batch', 'length', 'vocab'); both are no-ops without logical axis rules.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,156 +48,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from radar_jax.models.attention import Attention, apply_rope, dense, n_kv_head, rope_2d
+from radar_jax.models.transformer_config import (REMAT_POLICIES, ffn_hidden_dim, model_config,
+                                                 remat_policy, residual_dtype, validate_config)
+
+__all__ = ["model_config", "validate_config", "ffn_hidden_dim", "rope_2d", "apply_rope",
+           "Transformer", "init_cache", "init_params", "param_logical_axes", "count_params",
+           "chunked_cross_entropy", "stack_layer_params", "unstack_layer_params",
+           "REMAT_POLICIES", "remat_policy"]
+
 Cache = dict[str, dict[str, jax.Array]]
-
-# Sizes of the RadAR/LlamaGen registry: (n_layer, dim, n_head). 'tiny' is the parity fixture's
-# shape (../shared/fixtures/llamagen_gpt_tiny.npz). XL is 30 layers, not LlamaGen-XL's 36, to hit
-# RadAR's 610M non-embedding parameters (see RADAR.md, "Model sizes").
-_SIZES = {
-    "tiny": dict(n_layer=2, dim=64, n_head=4),
-    "B": dict(n_layer=12, dim=768, n_head=12),
-    "L": dict(n_layer=24, dim=1024, n_head=16),
-    "XL": dict(n_layer=30, dim=1280, n_head=20),
-}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-def model_config(size: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
-    """Transformer config under LlamaGen's `ModelArgs` names, for a registry size.
-
-    Fields: dim (model width), n_layer, n_head, n_kv_head (None = n_head; fewer = grouped-query
-    attention), multiple_of (SwiGLU hidden rounded up to it), ffn_dim_multiplier (None or float
-    scale of the SwiGLU hidden), rope_base, norm_eps (RMSNorm epsilon), initializer_range (std of
-    the normal init), token_dropout_p / attn_dropout_p / resid_dropout_p / ffn_dropout_p
-    (LlamaGen's ImageNet recipe: 0.1 / 0.0 / 0.1 / 0.1; all 0 for 'tiny'), drop_path_rate
-    (stochastic depth, linear over layers), num_classes (a null class `num_classes` is added
-    when class_dropout_prob > 0), class_dropout_prob (label dropout for CFG in training),
-    vocab_size (VQ codebook size), cls_token_num (must be 1 here), block_size (H*W tokens),
-    grid ((H, W); default the square root of block_size), dtype ('float32' | 'bfloat16' compute,
-    params stay float32), remat (rematerialise each layer to save memory).
-
-    'tiny' is the fixture shape (dim 64, 2 layers, 4 heads, multiple_of 32, vocab 64, 10
-    classes, 8x8 grid); 'B', 'L', 'XL' use vocab 16384, 1000 classes and a 16x16 grid.
-    Overrides apply last; a `block_size` override without `grid` recomputes the square grid.
-    """
-    if size not in _SIZES:
-        raise ValueError(f"unknown model size {size!r}: choose one of {sorted(_SIZES)}")
-    c = ml_collections.ConfigDict()
-    c.update(_SIZES[size])
-    c.n_kv_head = None
-    c.multiple_of = 256
-    c.ffn_dim_multiplier = None
-    c.rope_base = 10000.0
-    c.norm_eps = 1e-5
-    c.initializer_range = 0.02
-    c.token_dropout_p = 0.1
-    c.attn_dropout_p = 0.0
-    c.resid_dropout_p = 0.1
-    c.ffn_dropout_p = 0.1
-    c.drop_path_rate = 0.0
-    c.num_classes = 1000
-    c.class_dropout_prob = 0.1
-    c.vocab_size = 16384
-    c.cls_token_num = 1
-    c.block_size = 256
-    c.grid = None
-    c.dtype = "float32"
-    c.remat = False
-    if size == "tiny":
-        c.update(multiple_of=32, vocab_size=64, num_classes=10, block_size=64,
-                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-    unknown = sorted(set(overrides) - set(c.keys()))
-    if unknown:
-        raise ValueError(f"unknown transformer config fields {unknown}: valid fields are "
-                         f"{sorted(c.keys())}")
-    c.update(overrides)
-    if c.grid is None:
-        side = math.isqrt(c.block_size)
-        if side * side != c.block_size:
-            raise ValueError(f"block_size={c.block_size} is not a square: pass grid=(H, W) "
-                             "with H*W == block_size")
-        c.grid = (side, side)
-    c.grid = tuple(int(g) for g in c.grid)
-    validate_config(c)
-    return c
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first inconsistent field of a transformer config."""
-    dim, n_head = config.dim, config.n_head
-    if dim % n_head:
-        raise ValueError(f"dim={dim} is not divisible by n_head={n_head}")
-    head_dim = dim // n_head
-    if head_dim % 4:
-        raise ValueError(f"head_dim = dim/n_head = {head_dim} must be a multiple of 4 for 2D "
-                         "RoPE (half the rotary pairs for rows, half for columns)")
-    n_kv = _n_kv_head(config)
-    if n_head % n_kv:
-        raise ValueError(f"n_head={n_head} is not a multiple of n_kv_head={n_kv}")
-    if config.cls_token_num != 1:
-        raise ValueError(f"cls_token_num={config.cls_token_num}: only 1 class token (c2i) is "
-                         "supported")
-    if config.grid is None or len(config.grid) != 2:
-        raise ValueError(f"grid={config.grid} must be (H, W)")
-    if config.grid[0] * config.grid[1] != config.block_size:
-        raise ValueError(f"grid={tuple(config.grid)} has {config.grid[0] * config.grid[1]} "
-                         f"tokens but block_size={config.block_size}: make H*W == block_size")
-    if config.dtype not in _DTYPES:
-        raise ValueError(f"dtype={config.dtype!r}: choose one of {sorted(_DTYPES)}")
-    for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
-                 "drop_path_rate", "class_dropout_prob"):
-        if not 0.0 <= config[name] < 1.0:
-            raise ValueError(f"{name}={config[name]} must be in [0, 1)")
-
-
-def _n_kv_head(config) -> int:
-    return config.n_head if config.n_kv_head is None else config.n_kv_head
-
-
-def ffn_hidden_dim(config) -> int:
-    """LlamaGen's SwiGLU width: 4*dim -> int(2/3 of it) -> * ffn_dim_multiplier -> round up."""
-    hidden = int(2 * (4 * config.dim) / 3)
-    if config.ffn_dim_multiplier is not None:
-        hidden = int(config.ffn_dim_multiplier * hidden)
-    return -(-hidden // config.multiple_of) * config.multiple_of
-
-
-# ----------------------------------------------------------------------------------------------
-# 2D rotary embedding
-# ----------------------------------------------------------------------------------------------
-def rope_2d(flat_pos_BL: jax.Array, head_dim: int, grid_w: int, base: float):
-    """cos and sin of LlamaGen's 2D RoPE at grid positions (h, w) = divmod(flat_pos, W).
-
-    Follows LlamaGen's precompute_freqs_cis_2d: head_dim//4 frequencies base^(-2i/(head_dim/2));
-    the first head_dim//4 rotary pairs turn with the row h, the last head_dim//4 with the column
-    w. Negative flat_pos (the class token, or padding) gets cos = sin = 0 -- LlamaGen's cache
-    holds zeros there, so the class token's q and k become exactly 0; parity needs that.
-
-    Args: flat_pos_BL (B, L) int32; returns cos_BLP, sin_BLP (B, L, head_dim//2) float32.
-    """
-    half = head_dim // 2
-    inv_freq_F = 1.0 / (base ** (jnp.arange(0, half, 2, dtype=jnp.float32)[: half // 2] / half))
-    row_BL = (flat_pos_BL // grid_w).astype(jnp.float32)
-    col_BL = (flat_pos_BL % grid_w).astype(jnp.float32)
-    angle_BLP = jnp.concatenate([row_BL[..., None] * inv_freq_F,
-                                 col_BL[..., None] * inv_freq_F], axis=-1)
-    valid_BL1 = (flat_pos_BL >= 0)[..., None]
-    cos_BLP = jnp.where(valid_BL1, jnp.cos(angle_BLP), 0.0)
-    sin_BLP = jnp.where(valid_BL1, jnp.sin(angle_BLP), 0.0)
-    return cos_BLP, sin_BLP
-
-
-def apply_rope(x_BLHD: jax.Array, cos_BLP: jax.Array, sin_BLP: jax.Array) -> jax.Array:
-    """Rotates adjacent pairs (x[2i], x[2i+1]) by the angles; computed in float32, cast back."""
-    b, l, h, d = x_BLHD.shape
-    x_BLHP2 = x_BLHD.astype(jnp.float32).reshape(b, l, h, d // 2, 2)
-    x0, x1 = x_BLHP2[..., 0], x_BLHP2[..., 1]
-    cos, sin = cos_BLP[:, :, None, :], sin_BLP[:, :, None, :]  # broadcast over heads
-    out_BLHP2 = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-    return out_BLHP2.reshape(b, l, h, d).astype(x_BLHD.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,13 +65,6 @@ def apply_rope(x_BLHD: jax.Array, cos_BLP: jax.Array, sin_BLP: jax.Array) -> jax
 # ----------------------------------------------------------------------------------------------
 def _normal(config, axes):
     return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
-
-
-def _dense(config, features, axes, name, zero=False):
-    init = (nn.with_logical_partitioning(nn.initializers.zeros_init(), axes) if zero
-            else _normal(config, axes))
-    return nn.Dense(features, use_bias=False, kernel_init=init, dtype=_DTYPES[config.dtype],
-                    param_dtype=jnp.float32, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -214,66 +81,6 @@ class RMSNorm(nn.Module):
         return y.astype(x.dtype) * weight.astype(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head (optionally grouped-query) attention under an arbitrary boolean mask."""
-    config: ml_collections.ConfigDict
-
-    @nn.compact
-    def __call__(self, x_BLD, cos_BLP, sin_BLP, mask_BLS, layer_cache, cache_index, train):
-        """x_BLD (B, L, dim); mask_BLS (B|1, L, S) bool with S = L, or the cache length.
-
-        Returns (out_BLD, new_layer_cache or None).
-        """
-        cfg = self.config
-        n_head, n_kv = cfg.n_head, _n_kv_head(cfg)
-        head_dim, group = cfg.dim // n_head, n_head // n_kv
-        b, l, _ = x_BLD.shape
-        qkv = _dense(cfg, (n_head + 2 * n_kv) * head_dim, ("embed", "qkv"), "wqkv")(x_BLD)
-        q, k, v = jnp.split(qkv, [n_head * head_dim, (n_head + n_kv) * head_dim], axis=-1)
-        q_BLHD = apply_rope(q.reshape(b, l, n_head, head_dim), cos_BLP, sin_BLP)
-        k_BLKD = apply_rope(k.reshape(b, l, n_kv, head_dim), cos_BLP, sin_BLP)
-        v_BLKD = v.reshape(b, l, n_kv, head_dim)
-
-        new_cache = None
-        if layer_cache is not None:
-            # Write this block's keys/values at [cache_index, cache_index + L) and attend over
-            # every slot; the caller's mask hides the slots that are empty or not yet visible.
-            start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0),
-                     jnp.int32(0))
-            k_cache = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_BLKD.astype(layer_cache["k"].dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_BLKD.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k_cache, "v": v_cache}
-            k_BSKD, v_BSKD = k_cache.astype(q_BLHD.dtype), v_cache.astype(q_BLHD.dtype)
-        else:
-            k_BSKD, v_BSKD = k_BLKD, v_BLKD
-
-        # Query head h uses kv head h // group (torch's repeat_interleave), without copying
-        # the keys: split the query heads into (kv head, group).
-        q_BLKGD = q_BLHD.reshape(b, l, n_kv, group, head_dim)
-        scores_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
-                                  preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        # Large finite negative, not -inf: a fully masked row (padding) stays finite.
-        scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS,
-                                 jnp.finfo(jnp.float32).min)
-        # Softmax with the normalisation moved after the AV product: dividing the (L, D)
-        # output instead of the (L, S) probabilities saves a pass over the scores, which
-        # dominates on CPU when S is a long cache (same values up to float rounding).
-        exp_BKGLS = jnp.exp(scores_BKGLS - jnp.max(scores_BKGLS, axis=-1, keepdims=True))
-        denom_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
-        exp_BKGLS = exp_BKGLS.astype(q_BLHD.dtype)
-        if cfg.attn_dropout_p > 0:
-            exp_BKGLS = nn.Dropout(cfg.attn_dropout_p)(exp_BKGLS, deterministic=not train)
-        out_BKGLD = jnp.einsum("bkgls,bskd->bkgld", exp_BKGLS, v_BSKD,
-                               preferred_element_type=jnp.float32) / denom_BKGL1
-        out_BLKGD = jnp.moveaxis(out_BKGLD, 3, 1).astype(q_BLHD.dtype)
-        out_BLD = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out_BLKGD.reshape(b, l, -1))
-        if cfg.resid_dropout_p > 0:
-            out_BLD = nn.Dropout(cfg.resid_dropout_p)(out_BLD, deterministic=not train)
-        return out_BLD, new_cache
-
-
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x), hidden width from `ffn_hidden_dim`."""
     config: ml_collections.ConfigDict
@@ -282,37 +89,49 @@ class FeedForward(nn.Module):
     def __call__(self, x_BLD, train):
         cfg = self.config
         hidden = ffn_hidden_dim(cfg)
-        gate_BLF = _dense(cfg, hidden, ("embed", "mlp"), "w1")(x_BLD)
-        up_BLF = _dense(cfg, hidden, ("embed", "mlp"), "w3")(x_BLD)
-        out_BLD = _dense(cfg, cfg.dim, ("mlp", "embed"), "w2")(nn.silu(gate_BLF) * up_BLF)
+        gate_BLF = dense(cfg, hidden, ("embed", "mlp"), "w1")(x_BLD)
+        up_BLF = dense(cfg, hidden, ("embed", "mlp"), "w3")(x_BLD)
+        out_BLD = dense(cfg, cfg.dim, ("mlp", "embed"), "w2")(nn.silu(gate_BLF) * up_BLF)
         if cfg.ffn_dropout_p > 0:
             out_BLD = nn.Dropout(cfg.ffn_dropout_p)(out_BLD, deterministic=not train)
         return out_BLD
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer: x + attention(norm(x)), then + feed_forward(norm(.))."""
+    """Pre-norm transformer layer: x + attention(norm(x)), then + feed_forward(norm(.)).
+
+    The residual x keeps its dtype (float32 with residual_float32); the sublayers' outputs
+    (compute dtype) are added to it.
+    """
     config: ml_collections.ConfigDict
     drop_path: float = 0.0
 
-    def _drop_path(self, y_BLD, train):
+    def _drop_path(self, y_BLD, train, drop_rate):
         # Stochastic depth per example (LlamaGen's DropPath), rescaled to keep the expectation.
-        if not train or self.drop_path == 0.0:
+        # Under scan_layers the rate is a traced per-layer scalar (`drop_rate`).
+        if not train or self.config.drop_path_rate == 0.0:
             return y_BLD
-        keep = 1.0 - self.drop_path
+        if drop_rate is None:
+            if self.drop_path == 0.0:
+                return y_BLD
+            drop_rate = self.drop_path
+        keep = 1.0 - drop_rate
         keep_B11 = jax.random.bernoulli(self.make_rng("dropout"), keep, (y_BLD.shape[0], 1, 1))
         return jnp.where(keep_B11, y_BLD / keep, 0).astype(y_BLD.dtype)
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLP, sin_BLP, mask_BLS, layer_cache, cache_index, train):
+    def __call__(self, x_BLD, cos_BLP, sin_BLP, mask_BLS, layer_cache, cache_index, train,
+                 drop_rate=None):
+        """Returns (x_BLD after the layer, same dtype; new layer cache or None)."""
         cfg = self.config
         attn_BLD, new_cache = Attention(cfg, name="attention")(
             RMSNorm(cfg.dim, cfg.norm_eps, name="attention_norm")(x_BLD), cos_BLP, sin_BLP,
             mask_BLS, layer_cache, cache_index, train)
-        h_BLD = x_BLD + self._drop_path(attn_BLD, train)
+        h_BLD = x_BLD + self._drop_path(attn_BLD, train, drop_rate)
         ffn_BLD = FeedForward(cfg, name="feed_forward")(
             RMSNorm(cfg.dim, cfg.norm_eps, name="ffn_norm")(h_BLD), train)
-        return h_BLD + self._drop_path(ffn_BLD, train), new_cache
+        out_BLD = (h_BLD + self._drop_path(ffn_BLD, train, drop_rate)).astype(x_BLD.dtype)
+        return nn.with_logical_constraint(out_BLD, ("batch", "length", "embed")), new_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +148,16 @@ def _per_example(x, batch: int, name: str, ndim: int):
     return x
 
 
+def _block_class(config):
+    """Block, wrapped in nn.remat with the config's policy when one is set."""
+    policy = remat_policy(config)
+    if policy == "none":
+        return Block
+    # static_argnums counts self as 0: `train` (index 7) is a Python bool.
+    return nn.remat(Block, policy=REMAT_POLICIES[policy], static_argnums=(7,),
+                    prevent_cse=not config.get("scan_layers", False))
+
+
 class Transformer(nn.Module):
     """RadAR / LlamaGen c2i transformer. See the module docstring for names and axes."""
     config: ml_collections.ConfigDict
@@ -336,20 +165,29 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.config
         validate_config(cfg)
-        cdt = _DTYPES[cfg.dtype]
-        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cdt,
+        res_dtype = residual_dtype(cfg)
+        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=res_dtype,
                                        embedding_init=_normal(cfg, ("vocab", "embed")))
         # LlamaGen's LabelEmbedder: one extra row (id num_classes) is the CFG null class.
         n_rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
-        self.cls_embedding = _LabelEmbedder(n_rows, cfg.dim, cdt, cfg.initializer_range)
+        self.cls_embedding = _LabelEmbedder(n_rows, cfg.dim, res_dtype, cfg.initializer_range)
         self.prompt_embedding = self.param("prompt_embedding", _normal(cfg, ("embed",)),
                                            (cfg.dim,))
-        block = nn.remat(Block, static_argnums=(7,)) if cfg.remat else Block
-        drop = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
-        self.layers = [block(cfg, float(drop[i])) for i in range(cfg.n_layer)]
+        block = _block_class(cfg)
+        if cfg.get("scan_layers", False):
+            # Broadcast: cos, sin, mask, layer_cache (None), cache_index (None), train; scanned:
+            # the per-layer drop-path rate.
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * 6 + (0,), length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            drop = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
+            self.layers = [block(cfg, float(drop[i])) for i in range(cfg.n_layer)]
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), None, zero=True)
+        self.output = dense(cfg, cfg.vocab_size, ("embed", "vocab"), None, zero=True,
+                            float32_out=cfg.get("residual_float32", True))
 
     def embed(self, tokens, labels, is_new, is_class, *, train: bool = False) -> jax.Array:
         """Input embeddings of a packed sequence, after token dropout.
@@ -361,7 +199,7 @@ class Transformer(nn.Module):
           is_new, is_class: (L,) or (B, L) bool.
           train: enables class dropout (labels -> null with prob class_dropout_prob) and token
             dropout; both draw from the 'dropout' rng.
-        Returns: (B, L, dim) in the compute dtype.
+        Returns: (B, L, dim) in the residual dtype (float32 unless residual_float32=False).
         """
         cfg = self.config
         tokens = jnp.asarray(tokens)
@@ -386,8 +224,14 @@ class Transformer(nn.Module):
             h_BLD = self.tok_dropout(h_BLD, deterministic=not train)
         return h_BLD
 
+    def logits_from_hidden(self, h_BLD):
+        """Final norm and output head: (B, L, dim) residual -> (B, L, vocab_size) float32."""
+        logits_BLV = self.output(self.norm(h_BLD)).astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
+
     def forward_embeddings(self, h_BLD, flat_pos, mask, *, train: bool = False,
-                           cache: Cache | None = None, cache_index=None):
+                           cache: Cache | None = None, cache_index=None,
+                           return_hidden: bool = False):
         """Runs the layers, final norm and head on input embeddings.
 
         Args:
@@ -397,14 +241,21 @@ class Transformer(nn.Module):
           mask: bool, True where query i may attend key j: (L, L) or (B, L, L) without a cache;
             (L, S) or (B, L, S) over the S cache slots with one.
           cache: None, or the `init_cache` pytree; this block's keys/values are written at
-            slots [cache_index, cache_index + L).
+            slots [cache_index, cache_index + L). Not with scan_layers.
           cache_index: int32 scalar (may be traced) when a cache is given.
-        Returns: (logits (B, L, vocab_size) float32, updated cache or None).
+          return_hidden: return the last block's output (B, L, dim) in the residual dtype
+            instead of the logits (for `chunked_cross_entropy`).
+        Returns: (logits (B, L, vocab_size) float32 or the hidden, updated cache or None).
         """
         cfg = self.config
         b, l, _ = h_BLD.shape
         flat_pos_BL = _per_example(flat_pos, b, "flat_pos", 1).astype(jnp.int32)
         mask_BLS = _per_example(mask, b, "mask", 2).astype(bool)
+        scan = cfg.get("scan_layers", False)
+        if cache is not None and scan:
+            raise ValueError("config.model.scan_layers=True has no KV-cache path (the sampler "
+                             "needs one): sample with scan_layers=False, converting the params "
+                             "with transformer.unstack_layer_params")
         s = l if cache is None else cache["layers_0"]["k"].shape[1]
         if mask_BLS.shape[1:] != (l, s):
             raise ValueError(f"mask has shape {jnp.shape(mask)}: expected ({l}, {s}) or "
@@ -415,31 +266,36 @@ class Transformer(nn.Module):
                              "write this block's keys/values to")
         cos_BLP, sin_BLP = rope_2d(flat_pos_BL, cfg.dim // cfg.n_head, cfg.grid[1],
                                    cfg.rope_base)
+        h_BLD = h_BLD.astype(residual_dtype(cfg))
         h_BLD = nn.with_logical_constraint(h_BLD, ("batch", "length", "embed"))
         new_cache = None if cache is None else {}
-        for i, layer in enumerate(self.layers):
-            name = f"layers_{i}"
-            h_BLD, layer_cache = layer(h_BLD, cos_BLP, sin_BLP, mask_BLS,
-                                       None if cache is None else cache[name], cache_index,
-                                       train)
-            h_BLD = nn.with_logical_constraint(h_BLD, ("batch", "length", "embed"))
-            if cache is not None:
-                new_cache[name] = layer_cache
-        logits_BLV = self.output(self.norm(h_BLD)).astype(jnp.float32)
-        logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
-        return logits_BLV, new_cache
+        if scan:
+            drop_N = jnp.linspace(0.0, cfg.drop_path_rate, cfg.n_layer, dtype=jnp.float32)
+            h_BLD, _ = self.layers(h_BLD, cos_BLP, sin_BLP, mask_BLS, None, None, train, drop_N)
+        else:
+            for i, layer in enumerate(self.layers):
+                name = f"layers_{i}"
+                h_BLD, layer_cache = layer(h_BLD, cos_BLP, sin_BLP, mask_BLS,
+                                           None if cache is None else cache[name], cache_index,
+                                           train)
+                if cache is not None:
+                    new_cache[name] = layer_cache
+        if return_hidden:
+            return h_BLD, new_cache
+        return self.logits_from_hidden(h_BLD), new_cache
 
     def __call__(self, tokens, labels, flat_pos, is_new, is_class, mask, *, train: bool = False,
-                 cache: Cache | None = None, cache_index=None):
+                 cache: Cache | None = None, cache_index=None, return_hidden: bool = False):
         """Logits for every index of a packed sequence: `embed` then `forward_embeddings`.
 
         Shapes: tokens (B, L) int32, labels (B,) int32, flat_pos/is_new/is_class (L,) or
         (B, L), mask (L, L)/(B, L, L) bool, or (L, S)/(B, L, S) with a cache of S slots.
-        Returns (logits (B, L, vocab_size) float32, updated cache or None).
+        Returns (logits (B, L, vocab_size) float32, updated cache or None); with
+        return_hidden=True the first entry is the last block's output (B, L, dim) instead.
         """
         h_BLD = self.embed(tokens, labels, is_new, is_class, train=train)
         return self.forward_embeddings(h_BLD, flat_pos, mask, train=train, cache=cache,
-                                       cache_index=cache_index)
+                                       cache_index=cache_index, return_hidden=return_hidden)
 
 
 class _LabelEmbedder(nn.Module):
@@ -460,13 +316,80 @@ class _LabelEmbedder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: cache, init, parameter counts
+# Memory-lean loss: the head and cross-entropy over chunks of the sequence
+# ----------------------------------------------------------------------------------------------
+def chunked_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, weights_BL=None,
+                          *, chunk: int = 256):
+    """Per-token cross-entropy of the output head, never holding (B, L, V) logits at once.
+
+    Splits L into ceil(L / chunk) near-equal chunks; each chunk runs the final norm, the head,
+    log-softmax and the CE inside `jax.checkpoint` under `lax.map`, so the forward keeps only
+    one chunk's logits and the backward recomputes them chunk by chunk.
+
+    Args:
+      model: the Transformer (its config gives dtypes).
+      params: its params (unboxed), as passed to `model.apply`.
+      hidden_BLD: (B, L, dim) from `model.apply(..., return_hidden=True)`.
+      targets_BL: (B, L) int target codes; values outside [0, vocab) are allowed where the
+        weight is 0 (they are clipped before the gather).
+      weights_BL: optional (B, L); where it is 0 the CE is 0 and `correct` is False.
+      chunk: the most sequence positions per chunk.
+    Returns:
+      ce_BL (B, L) float32 = logsumexp(logits) - logits[target], and correct_BL (B, L) bool =
+      argmax(logits) == target.
+    """
+    b, l, d = hidden_BLD.shape
+    n_chunks = max(1, -(-l // max(1, int(chunk))))
+    size = -(-l // n_chunks)  # near-equal chunks: pad at most n_chunks - 1 positions
+    pad = n_chunks * size - l
+    vocab = model.config.vocab_size
+    targets_BL = jnp.clip(jnp.asarray(targets_BL, jnp.int32), 0, vocab - 1)
+    h_NBCD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0))).reshape(
+        b, n_chunks, size, d).swapaxes(0, 1)
+    t_NBC = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(b, n_chunks, size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_BCD, t_BC):
+        logits_BCV = model.apply({"params": params}, h_BCD, method="logits_from_hidden")
+        logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        return logz_BC - picked_BC, jnp.argmax(logits_BCV, axis=-1) == t_BC
+
+    ce_NBC, correct_NBC = jax.lax.map(lambda x: one_chunk(*x), (h_NBCD, t_NBC))
+    ce_BL = ce_NBC.swapaxes(0, 1).reshape(b, -1)[:, :l]
+    correct_BL = correct_NBC.swapaxes(0, 1).reshape(b, -1)[:, :l]
+    if weights_BL is not None:
+        on_BL = jnp.asarray(weights_BL) != 0
+        ce_BL, correct_BL = jnp.where(on_BL, ce_BL, 0.0), correct_BL & on_BL
+    return ce_BL, correct_BL
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: cache, init, parameter layouts and counts
 # ----------------------------------------------------------------------------------------------
 def init_cache(config, batch: int, length: int, dtype=jnp.float32) -> Cache:
     """Empty KV cache: {'layers_i': {'k', 'v': (batch, length, n_kv_head, head_dim) zeros}}."""
-    shape = (batch, length, _n_kv_head(config), config.dim // config.n_head)
+    shape = (batch, length, n_kv_head(config), config.dim // config.n_head)
     return {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for i in range(config.n_layer)}
+
+
+def stack_layer_params(params, n_layer: int):
+    """Per-layer params (layers_0 .. layers_{n-1}) -> the scan_layers layout ('layers', stacked
+    on a new leading axis). Other entries are kept as they are."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                 *[params[f"layers_{i}"] for i in range(n_layer)])
+    return out
+
+
+def unstack_layer_params(params):
+    """The scan_layers layout -> per-layer params layers_0 .. layers_{n-1} (LlamaGen's names)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n_layer = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
 
 
 def _init_fn(config):
