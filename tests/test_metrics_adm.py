@@ -121,6 +121,43 @@ def test_load_images_from_folder(tmp_path):
     np.testing.assert_array_equal(adm.load_images(tmp_path), images)
 
 
+# ------------------------------------------------------------------------------ reference stats
+class _CountingInception:
+    """Stands in for metrics.inception.Inception: features are a fixed function of the pixels."""
+    weights_id = "test0123"
+
+    def __init__(self):
+        self.calls = 0
+
+    def features(self, images, *, batch_size, keys):
+        self.calls += 1
+        flat = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+        dims = {"pool": 2048, "spatial": 2023}
+        return {k: np.resize(flat, (flat.shape[0], dims[k])).astype(np.float32) for k in keys}
+
+
+def test_reference_stats_cached_and_npz_stats(tmp_path):
+    images = np.random.default_rng(6).integers(0, 256, (5, 4, 4, 3), np.uint8)
+    ref_path = tmp_path / "REF.npz"
+    np.savez(ref_path, images, mu=np.full(2048, 7.0), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    net = _CountingInception()
+    first = adm.reference_stats(ref_path, net)
+    assert (tmp_path / "REF.radar_jax_stats.test0123.npz").exists()
+    second = adm.reference_stats(ref_path, net)
+    assert net.calls == 1     # the second call read the cache
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        np.testing.assert_array_equal(getattr(first, key), getattr(second, key))
+    np.testing.assert_allclose(first.mu, np.resize(images.reshape(5, -1) / 255.0,
+                                                   (5, 2048)).mean(0), rtol=1e-6)
+    from_npz = adm.reference_stats(ref_path, net, use_npz_stats=True)
+    assert from_npz.source == "npz" and np.all(from_npz.mu == 7.0)
+    assert from_npz.pool.shape == (5, 2048)    # Precision / Recall still use our features
+    np.savez(tmp_path / "plain.npz", images)
+    with pytest.raises(ValueError, match=r"has no \['mu', 'sigma', 'mu_s', 'sigma_s'\]"):
+        adm.reference_stats(tmp_path / "plain.npz", net, use_npz_stats=True)
+
+
 # ------------------------------------------------------------------------------ the command
 def _run_cli(cwd, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
