@@ -15,6 +15,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from radar_jax import config_io
 from radar_jax import data as data_lib
 from radar_jax import workdir as workdir_lib
 from radar_jax.models import vq as vq_lib
@@ -57,7 +58,7 @@ def encode_dataset(config, wd: workdir_lib.Workdir):
     path = wd.token_cache
     augment = config.tokens.augment
     if augment not in AUGMENTS:
-        raise ValueError(f"config.tokens.augment={augment!r}: use one of {', '.join(AUGMENTS)}.")
+        raise config_io.ConfigError(f"config.tokens.augment={augment!r}: use one of {', '.join(AUGMENTS)}.")
     facts = cache_facts(config)
     if wd.is_finished(workdir_lib.TOKENS):
         record = wd.record(workdir_lib.TOKENS)
@@ -67,7 +68,7 @@ def encode_dataset(config, wd: workdir_lib.Workdir):
             return path
         if not config.tokens.get("rebuild", False):
             field, (old, new) = next(iter(stale.items()))
-            raise ValueError(
+            raise config_io.ConfigError(
                 f"config.tokens: the token cache {path} was written with {field}={old!r} but "
                 f"the config has {field}={new!r}; pass --config.tokens.rebuild=True to encode "
                 "again, or use the config that wrote it.")

@@ -6,7 +6,16 @@
 
 Losses (LlamaGen's VQLoss): L2 reconstruction + LPIPS perceptual + codebook (vq + commitment +
 entropy) + PatchGAN adversarial loss after `loss.disc_start` steps (hinge by default). The
-discriminator is updated in the same jitted step on the detached reconstructions.
+discriminator is updated in the same jitted step on the detached reconstructions. The pixel,
+adversarial and discriminator pieces are functions (`perceptual_setup`, `pixel_losses`,
+`adversarial_loss`, `discriminator_update`) that tokenizer post-training (radar_jax/tpt.py)
+reuses.
+
+Random-resolution fine-tuning (`config.random_resolutions`, e.g. (256, 320, 384)): each step
+trains at a resolution drawn from the list by (seed, step) alone (`resolution_for_step`), so a
+resumed run draws the same sizes. The data pipeline reads every batch at the largest size and
+the step resizes it on the device (antialiased bilinear) to the drawn size: grain keeps one
+fixed batch shape, and the step compiles once per resolution, with fixed shapes each.
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ import numpy as np
 import optax
 
 from radar_jax import checkpoint as ckpt_lib
+from radar_jax import config_io
 from radar_jax import data as data_lib
 from radar_jax import evaluation
-from radar_jax import reporting
 from radar_jax import fileio
+from radar_jax import preemption
+from radar_jax import reporting
 from radar_jax import sharding
 from radar_jax import trainer
 from radar_jax.models import discriminator as disc_lib
@@ -47,7 +58,7 @@ class VQTrainState:
     disc_opt_state: Any
 
 
-def _perceptual_setup(loss_config):
+def perceptual_setup(loss_config):
     """Returns (lpips_module, lpips_params, weight): weight 0 without a converted LPIPS file."""
     if loss_config.perceptual_weight and not loss_config.lpips_path:
         logging.warning(
@@ -59,6 +70,78 @@ def _perceptual_setup(loss_config):
         return None, None, 0.0
     return lpips_lib.LPIPS(), lpips_lib.load_lpips_params(loss_config.lpips_path), \
         float(loss_config.perceptual_weight)
+
+
+def pixel_losses(loss_config, perceptual, recon, images):
+    """reconstruction_weight * L2 (+ perceptual weight * LPIPS when `perceptual`, the triple of
+    `perceptual_setup`, has a weight) of recon vs images, both (B, H, W, 3) in [-1, 1].
+    Returns (loss float32 scalar, metrics dict with rec_loss [and perceptual_loss])."""
+    lpips_model, lpips_params, perceptual_weight = perceptual
+    rec_loss = jnp.mean(jnp.square(recon - images))
+    loss = loss_config.reconstruction_weight * rec_loss
+    metrics = dict(rec_loss=rec_loss)
+    if perceptual_weight:
+        p_loss = jnp.mean(lpips_model.apply({"params": lpips_params}, recon, images))
+        loss += perceptual_weight * p_loss
+        metrics["perceptual_loss"] = p_loss
+    return loss, metrics
+
+
+def adversarial_loss(disc, loss_config, disc_params, disc_batch_stats, recon):
+    """The generator side of the PatchGAN loss (`loss.gen_loss`) on recon (B, H, W, 3): a
+    float32 scalar (unweighted). The discriminator's batch statistics are not updated."""
+    logits_fake, _ = disc.apply({"params": disc_params, "batch_stats": disc_batch_stats}, recon,
+                                mutable=["batch_stats"])
+    return disc_lib.get_g_loss(loss_config.gen_loss)(logits_fake)
+
+
+def discriminator_update(disc, disc_tx, loss_config, disc_params, batch_stats, opt_state,
+                         images, recon):
+    """One discriminator step (`loss.disc_loss`) on real images and detached recon, both
+    (B, H, W, 3). Returns (disc_params, batch_stats, opt_state, metrics: d_loss,
+    logits_real, logits_fake)."""
+    def d_loss_fn(disc_params, batch_stats):
+        both = jnp.concatenate([images, jax.lax.stop_gradient(recon)], axis=0)
+        logits, new_vars = disc.apply({"params": disc_params, "batch_stats": batch_stats},
+                                      both, mutable=["batch_stats"])
+        logits_real, logits_fake = jnp.split(logits, 2, axis=0)
+        d_loss = disc_lib.get_d_loss(loss_config.disc_loss)(logits_real, logits_fake)
+        return d_loss, (new_vars["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+
+    (d_loss, (batch_stats, real, fake)), d_grads = jax.value_and_grad(
+        d_loss_fn, has_aux=True)(disc_params, batch_stats)
+    d_updates, opt_state = disc_tx.update(d_grads, opt_state, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+    return disc_params, batch_stats, opt_state, dict(d_loss=d_loss, logits_real=real,
+                                                     logits_fake=fake)
+
+
+def check_resolutions(config) -> tuple[int, ...]:
+    """config.random_resolutions as a tuple of ints (() = off), each a positive multiple of
+    the tokenizer's downsampling factor; raises ValueError naming the bad size and the fix."""
+    sizes = tuple(int(r) for r in config.get("random_resolutions", ()) or ())
+    f = vq_lib.resolve_vq_config(config.model).downsample
+    bad = [r for r in sizes if r < f or r % f]
+    if bad:
+        raise ValueError(f"config.random_resolutions={sizes} has {bad}, not positive multiples of "
+                         f"the tokenizer's downsampling factor {f}: use sizes like "
+                         f"{tuple(f * k for k in (16, 20, 24))}.")
+    return sizes
+
+
+def resolution_for_step(resolutions: tuple[int, ...], seed: int, step: int) -> int:
+    """The image side step `step` trains at: a uniform draw from `resolutions` that depends on
+    (seed, step) only, so a resumed run trains each step at the same size."""
+    rng = np.random.default_rng([seed, step])
+    return int(resolutions[int(rng.integers(len(resolutions)))])
+
+
+def resize_images(images, size: int):
+    """(B, S, S', 3) -> (B, size, size, 3): antialiased bilinear (a no-op at the same size)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear",
+                            antialias=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -75,9 +158,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Tokenizer run in %s on %d device(s), mesh %s.", workdir, jax.device_count(),
                  dict(mesh.shape))
 
+    resolutions = check_resolutions(config)
+
     # ---------------------------------------------------------------- data
+    data_config = config.data
+    if resolutions:  # read at the largest size; each step resizes on the device
+        data_config = config.data.copy_and_resolve_references()
+        data_config.image_size = max(resolutions)
+        logging.info("Random-resolution training at %s (batches read at %d).", resolutions,
+                     max(resolutions))
     train_ds = data_lib.make_image_dataset(
-        config.data, config.data.train_split, config.batch_size // jax.process_count(),
+        data_config, data_config.train_split, config.batch_size // jax.process_count(),
         seed=config.seed, train=True, shard_index=jax.process_index(),
         shard_count=jax.process_count())
     train_iter = iter(train_ds)
@@ -86,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = vq_lib.VQModel(config.model)
     disc = disc_lib.PatchGANDiscriminator(ndf=config.loss.disc_ndf,
                                           n_layers=config.loss.disc_layers)
-    lpips_model, lpips_params, perceptual_weight = _perceptual_setup(config.loss)
+    perceptual = perceptual_setup(config.loss)
     # LlamaGen's tokenizer recipe: the same Adam for the generator and the discriminator, a
     # constant rate after warmup.
     tx = trainer.make_optimizer(config.optim, config.num_steps)
@@ -115,38 +206,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def g_loss_fn(params, state, images, rng, use_gan):
         recon, aux = model.apply({"params": params}, images, train=True,
                                  rngs={"dropout": rng})
-        rec_loss = jnp.mean(jnp.square(recon - images))
+        loss, metrics = pixel_losses(config.loss, perceptual, recon, images)
         codebook_loss = aux["vq_loss"] + aux["commit_loss"] + aux["entropy_loss"]
-        loss = (config.loss.reconstruction_weight * rec_loss
-                + config.loss.codebook_weight * codebook_loss)
-        metrics = dict(rec_loss=rec_loss, vq_loss=aux["vq_loss"], commit_loss=aux["commit_loss"],
+        loss += config.loss.codebook_weight * codebook_loss
+        metrics.update(vq_loss=aux["vq_loss"], commit_loss=aux["commit_loss"],
                        entropy_loss=aux["entropy_loss"], codebook_usage=aux["codebook_usage"])
-        if perceptual_weight:
-            p_loss = jnp.mean(lpips_model.apply({"params": lpips_params}, recon, images))
-            loss += perceptual_weight * p_loss
-            metrics["perceptual_loss"] = p_loss
         if use_gan:
-            logits_fake, _ = disc.apply(
-                {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, recon,
-                mutable=["batch_stats"])
-            g_adv = disc_lib.get_g_loss(config.loss.gen_loss)(logits_fake)
+            g_adv = adversarial_loss(disc, config.loss, state.disc_params,
+                                     state.disc_batch_stats, recon)
             loss += config.loss.disc_weight * g_adv
             metrics["g_adv_loss"] = g_adv
         metrics["loss"] = loss
         return loss, (recon, metrics)
 
-    def d_loss_fn(disc_params, batch_stats, images, recon):
-        both = jnp.concatenate([images, jax.lax.stop_gradient(recon)], axis=0)
-        logits, new_vars = disc.apply({"params": disc_params, "batch_stats": batch_stats}, both,
-                                      mutable=["batch_stats"])
-        logits_real, logits_fake = jnp.split(logits, 2, axis=0)
-        d_loss = disc_lib.get_d_loss(config.loss.disc_loss)(logits_real, logits_fake)
-        return d_loss, (new_vars["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
-
-    @functools.partial(jax.jit, static_argnums=2, donate_argnums=0,
+    @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0,
                        in_shardings=(state_shardings, data_sharding),
                        out_shardings=(state_shardings, None))
-    def train_step(state, images, use_gan):
+    def train_step(state, images, use_gan, size):
+        images = resize_images(images, size)
         step_rng = jax.random.fold_in(rng, state.step)
         (_, (recon, metrics)), grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
             state.params, state, images, step_rng, use_gan)
@@ -157,11 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         disc_params, batch_stats, disc_opt_state = (state.disc_params, state.disc_batch_stats,
                                                     state.disc_opt_state)
         if use_gan:
-            (d_loss, (batch_stats, real, fake)), d_grads = jax.value_and_grad(
-                d_loss_fn, has_aux=True)(disc_params, batch_stats, images, recon)
-            d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
-            disc_params = optax.apply_updates(disc_params, d_updates)
-            metrics.update(d_loss=d_loss, logits_real=real, logits_fake=fake)
+            disc_params, batch_stats, disc_opt_state, d_metrics = discriminator_update(
+                disc, disc_tx, config.loss, disc_params, batch_stats, disc_opt_state, images,
+                recon)
+            metrics.update(d_metrics)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              ema_params=ema, disc_params=disc_params,
                              disc_batch_stats=batch_stats,
@@ -170,7 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                  keep=config.keep_checkpoints)
-    state, resumed = ckpt.restore(state, train_iter)
+    try:
+        state, resumed = ckpt.restore(state, train_iter)
+    except ckpt_lib.CheckpointMismatchError as e:
+        raise config_io.ConfigError(str(e)) from None
     if resumed is None and config.init_from:
         state = state.replace(params=_load_init(config, state.params, state_shardings.params))
         if config.ema_decay:
@@ -196,22 +275,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = reporting.Progress("tokenizer", config.num_steps, start, every=config.log_every)
     # closing(ckpt): an interrupt or error soon after a save must not abandon the asynchronous
     # write in flight; close() waits for it, so that checkpoint is kept.
-    with contextlib.closing(ckpt):
+    with contextlib.closing(ckpt), preemption.StopSignal() as stop:
         for step in range(start + 1, config.num_steps + 1):
             batch = next(train_iter)
             images = sharding.shard_batch(batch["image"], mesh)
             use_gan = step > config.loss.disc_start
-            state, step_metrics = train_step(state, images, use_gan)
+            res = (resolution_for_step(resolutions, config.seed, step) if resolutions
+                   else images.shape[1])
+            state, step_metrics = train_step(state, images, use_gan, res)
             if step % config.log_every == 0 or step == config.num_steps:
                 step_metrics = jax.device_get(step_metrics)
+                step_metrics["resolution"] = res
                 # Corrupt or unreadable images are skipped by the data pipeline; count them.
                 step_metrics["skipped_images"] = data_lib.skipped_count(train_iter)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in step_metrics.items()})
                 progress.update(step, loss=step_metrics["loss"], rec=step_metrics["rec_loss"])
             else:
                 progress.update(step)
-            if step % config.ckpt_every == 0 or step == config.num_steps:
+            stopping = stop.requested(step) and step < config.num_steps
+            if stopping or step % config.ckpt_every == 0 or step == config.num_steps:
                 ckpt.save(step, state, train_iter)
+            if stopping:  # SIGTERM / Ctrl-C: the checkpoint is on disk, then stop
+                ckpt.wait()
+                raise preemption.Preempted(step, ckpt.directory)
             if step % config.eval_every == 0 and step != config.num_steps:
                 run_eval(step)
     progress.close()

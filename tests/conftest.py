@@ -65,3 +65,9 @@ def persistent_compilation_cache(tmp_path_factory):
     for name, value in saved.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end tests of a minute or more; they run in CI, and "
+        "`pytest -m 'not slow'` skips them locally")

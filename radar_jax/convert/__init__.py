@@ -9,7 +9,8 @@ GPT into the transformer's; `load_dinov2(path)` DINOv2 (Hugging Face safetensors
 
 from radar_jax.convert.dinov2 import load_dinov2
 from radar_jax.convert.gpt import load_llamagen_gpt
+from radar_jax.convert.inception import load_inception
 from radar_jax.convert.state_dict import load_npz_config, load_state_dict
 from radar_jax.convert.vq import load_llamagen_vq
 
-__all__ = ["load_dinov2", "load_llamagen_gpt", "load_llamagen_vq", "load_npz_config", "load_state_dict"]
+__all__ = ["load_dinov2", "load_inception", "load_llamagen_gpt", "load_llamagen_vq", "load_npz_config", "load_state_dict"]
