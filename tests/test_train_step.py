@@ -5,6 +5,9 @@ the RDS layout sampler.
 Tiny transformer (dim 64, 2 layers); each test compiles one small function.
 """
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from radar_jax import config_defaults as cd
+from radar_jax import perf
 from radar_jax import schedules
 from radar_jax import train_step
 from radar_jax.models import transformer
@@ -113,6 +117,42 @@ def test_rni_replaces_exactly_the_known_inputs():
                       (meta, dict(train=False, rni_range=(1.0, 1.0))),
                       (raster_meta, dict(train=True, rni_range=(1.0, 1.0), raster=True))):
         assert np.all(fed_tokens(1, codes_BN, meta_, 0, **kw) == 5), kw
+
+
+@pytest.mark.parametrize("band", [None, 2])
+def test_rni_per_position_is_consistent_across_blocks(band):
+    """Every noised grid position carries the same random code in every block where it is a
+    known input; clean positions are clean in every block. 'per_index' (the ablation) noises
+    each packed index apart, so there a position's copies disagree."""
+    schedule = schedules.make_schedule("euclidean", (8, 8))  # 7 steps
+    layout = schedules.layout_metadata(schedule, correction_band=band)
+    meta = schedules.pad_layout(layout, len(layout["step"]))
+    known_L = ~meta["is_new"] & ~meta["is_class"]
+    vocab, batch = 4096, 8  # a random code equals the clean one w.p. 1/4096
+    codes_BN = np.random.default_rng(0).integers(0, vocab, (batch, 64)).astype(np.int32)
+    clean_BL = codes_BN[:, np.maximum(meta["flat_pos"], 0)]
+    pos_L = meta["flat_pos"]
+    repeated = [p for p in range(64) if (known_L & (pos_L == p)).sum() > 1]
+    assert len(repeated) > 20  # positions re-fed in several blocks: the case that matters
+
+    tokens_BL = fed_tokens(vocab, codes_BN, meta, 0, train=True, rni_range=(0.5, 0.5))
+    assert np.array_equal(tokens_BL[:, ~known_L], clean_BL[:, ~known_L])
+    noised = 0
+    for i in range(batch):
+        for p in repeated:
+            copies = tokens_BL[i, known_L & (pos_L == p)]
+            assert np.all(copies == copies[0]), (i, p, copies)
+            noised += int(copies[0] != codes_BN[i, p])
+    assert 0.35 < noised / (batch * len(repeated)) < 0.65  # rate 1/2, ~300 positions
+
+    per_index = fed_tokens(vocab, codes_BN, meta, 0, train=True, rni_range=(0.5, 0.5),
+                           rni_mode="per_index")
+    disagree = sum(len(set(per_index[i, known_L & (pos_L == p)])) > 1
+                   for i in range(batch) for p in repeated)
+    assert disagree > 0.5 * batch * len(repeated)
+    with pytest.raises(ValueError, match="rni_mode='sometimes'"):
+        fed_tokens(vocab, codes_BN, meta, 0, train=True, rni_range=(0.5, 0.5),
+                   rni_mode="sometimes")
 
 
 def test_rni_rate_and_per_example_fraction():
@@ -341,7 +381,81 @@ def test_padded_rds_layouts_give_the_unpadded_loss():
 
 
 
-def test_bench_train_times_the_real_train_step(monkeypatch):
+def test_grad_accum_under_rds_is_the_full_batch_token_mean():
+    """RDS on, examples of very different lengths (the micro-batch of short ladders holds far
+    fewer targets than the one of full ladders): grad_accum=2 and grad_accum=1 both give the
+    gradient of the whole batch's token-mean CE, computed independently from the plain forward
+    pass. With SGD(lr=1) the update is minus the gradient, read back from the new params."""
+    import optax  # pylint: disable=g-import-not-at-top
+    from radar_jax import sharding  # pylint: disable=g-import-not-at-top
+    grid = (5, 5)
+    schedule = schedules.make_schedule("euclidean", grid)
+    k = schedule.num_steps
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = transformer.model_config("tiny", vocab_size=32, num_classes=4,
+                                            block_size=25, grid=grid, class_dropout_prob=0.0,
+                                            n_layer=1)
+    config.train = cd.generator_train(rds=True, rds_mode="per_example", known_weight=0.5)
+    layouts = train_step.LayoutSampler(schedule, config.train)
+    # Examples 0, 1: the shortest ladder; 2, 3: the full one; all padded to the full length.
+    ladders = [[0, k - 1]] * 2 + [list(range(k))] * 2
+    metas = [schedules.pad_layout(schedules.layout_metadata(
+        schedules.merge_rings(schedule, keep)), layouts.length) for keep in ladders]
+    meta = {key: np.stack([m[key] for m in metas]) for key in train_step.META_KEYS}
+    counts = meta["valid"].sum(1)
+    assert counts[2] > 1.5 * counts[0]
+    codes_BN = np.random.default_rng(0).integers(0, 32, (4, 25)).astype(np.int32)
+    labels_B = np.array([0, 1, 2, 3], np.int32)
+    model = transformer.Transformer(config.model)
+    params = random_head_params(config.model)
+
+    # Independent expectation: sum of weighted per-token CE over the batch / sum of weights.
+    def reference_loss(p):
+        tokens_BL = jnp.asarray(codes_BN)[np.arange(4)[:, None], np.maximum(meta["flat_pos"], 0)]
+        mask = np.stack([schedules.nested_mask(m["step"], m["is_new"], m["is_class"],
+                                               m["valid"]) for m in metas])
+        logits, _ = model.apply({"params": p}, tokens_BL, labels_B, meta["flat_pos"],
+                                meta["is_new"], meta["is_class"], mask)
+        targets_BL = codes_BN[np.arange(4)[:, None], np.maximum(meta["target_pos"], 0)]
+        ce_BL = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BL[..., None],
+                                     -1)[..., 0]
+        has = meta["valid"] & (meta["target_pos"] >= 0)
+        w_BL = np.where(has & meta["is_new"], 1.0, np.where(has, 0.5, 0.0))
+        return jnp.sum(ce_BL * w_BL) / w_BL.sum()
+    expected_loss, expected = jax.jit(jax.value_and_grad(reference_loss))(params)
+
+    mesh = sharding.make_mesh(cd.mesh(1, 1, 1), jax.devices()[:1])
+    tx = optax.sgd(1.0)
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), train_step.TrainState(
+        step=0, params=params, opt_state=tx.init(params), ema_params={}))
+    for accum in (1, 2):
+        config.train.grad_accum = accum
+        step = train_step.make_train_step(config, model, tx, mesh, shardings, layouts,
+                                          jax.random.key(0))
+        state = train_step.TrainState(step=jnp.zeros((), jnp.int32),
+                                      params=jax.tree.map(jnp.array, params),
+                                      opt_state=tx.init(params), ema_params={})
+        with sharding.mesh_context(mesh):
+            new_state, metrics = step(state, codes_BN, labels_B, meta)
+        np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5)
+        assert float(metrics["tokens"]) == counts.sum()
+        got = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params,
+                           new_state.params)
+        for path, g in jax.tree_util.tree_leaves_with_path(got):
+            e = np.asarray(functools.reduce(lambda t, key: t[key.key], path, expected))
+            np.testing.assert_allclose(g, e, atol=2e-6 * np.abs(e).max() + 1e-9, rtol=1e-4,
+                                       err_msg=f"accum={accum} {jax.tree_util.keystr(path)}")
+
+
+def test_train_flops_fn_matches_perf():
+    config = transformer.model_config("tiny")
+    flops = train_step.train_flops_fn(config)(np.array([7, 100, 1629]))
+    for n, f in zip((7, 100, 1629), flops):
+        np.testing.assert_allclose(f, perf.train_flops_per_sequence(config, n), rtol=1e-12)
+
+
+def test_bench_train_times_the_real_train_step(monkeypatch, tmp_path):
     """launch/bench_train.py must time radar_jax's own step (with EMA, grad accumulation and
     the grad norm), not a re-implementation: it calls train_step.make_train_step."""
     import importlib.util  # pylint: disable=g-import-not-at-top
@@ -357,6 +471,22 @@ def test_bench_train_times_the_real_train_step(monkeypatch):
         calls.append(config)
         return real(config, *args, **kwargs)
     monkeypatch.setattr(train_step, "make_train_step", recording)
-    assert bench.main(["--size", "tiny", "--batch_size", "2", "--layouts", "raster",
-                       "--steps", "5", "--warmup", "0"]) == 0
+    out = tmp_path / "rows.jsonl"
+    common = ["--size", "tiny", "--batch_size", "2", "--steps", "5", "--warmup", "0",
+              "--out", str(out)]
+    assert bench.main(common + ["--layouts", "raster"]) == 0
     assert len(calls) == 1 and calls[0].train.batch_size == 2
+    # The band and RDS reach the step: euclidean-13 with b = 1 is 512 positions (1 + 2 * 256
+    # - the 5 tokens of the last ring); RDS rows count only useful (non-padding) tokens.
+    assert bench.main(common + ["--layouts", "euclidean-13", "--correction_band", "1",
+                                "--rds", "--rds_buckets", "2"]) == 0
+    assert calls[-1].train.rds and calls[-1].schedule.correction_band == 1
+    raster, rds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert raster["seq_len"] == raster["padded_lengths"][0] == 256
+    assert raster["padding_waste"] == 0 and raster["useful_tokens_per_step"] == 2 * 256
+    assert rds["seq_len"] == 512 and rds["bucket_lengths"][-1] == 512
+    assert rds["useful_tokens_per_step"] < 2 * 512 and 0 <= rds["padding_waste"] < 0.1
+    assert set(rds["padded_lengths"]) <= set(rds["bucket_lengths"])
+    for row in (raster, rds):  # tokens/s counts useful tokens over the timed steps
+        np.testing.assert_allclose(row["tokens_per_s"] * sum(row["timed_step_s"]),
+                                   5 * row["useful_tokens_per_step"], rtol=2e-3)
