@@ -297,14 +297,15 @@ def loss_sums(model, params, codes_BN, labels_B, meta, rng, *, train: bool,
 
     mask = schedules.nested_mask(meta["step"], meta["is_new"], meta["is_class"], meta["valid"],
                                  xp=jnp)  # (L, L) or (B, L, L)
-    logits_BLV, _ = model.apply({"params": params}, tokens_BL, labels_B, meta["flat_pos"],
+    hidden_BLD, _ = model.apply({"params": params}, tokens_BL, labels_B, meta["flat_pos"],
                                 meta["is_new"], meta["is_class"], mask, train=train,
-                                rngs={"dropout": rng_drop})
+                                rngs={"dropout": rng_drop}, return_hidden=True)
     target_pos_BL = _bcast(meta["target_pos"], b)
     targets_BL = jnp.take_along_axis(codes_BN, jnp.maximum(target_pos_BL, 0), axis=1)
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
-    correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
     gen_BL, known_BL, weights_BL = target_weights(meta, b, known_weight, raster)
+    # Head and CE in sequence chunks: (B, L, V) float32 logits are never live at once.
+    ce_BL, correct_BL = transformer.chunked_cross_entropy(model, params, hidden_BLD, targets_BL,
+                                                          weights_BL)
     total = lambda x, w: jnp.sum(jnp.where(w, x, 0.0).astype(jnp.float32))
     return dict(ce_weighted=jnp.sum(ce_BL * weights_BL), weight=jnp.sum(weights_BL),
                 ce_new=total(ce_BL, gen_BL), n_new=total(1.0, gen_BL),

@@ -78,11 +78,12 @@ class _RecordingModel:
         self.config = ml_collections.ConfigDict(dict(vocab_size=vocab_size))
         self.tokens_BL = None
 
-    def apply(self, variables, tokens_BL, labels_B, flat_pos, is_new, is_class, mask, *,
-              train, rngs):
-        del variables, labels_B, flat_pos, is_new, is_class, mask, train, rngs
+    def apply(self, variables, tokens_BL, *args, method=None, **kwargs):
+        del variables, args, kwargs
+        if method == "logits_from_hidden":  # the loss head, on (B, C, 1) "hidden" chunks
+            return jnp.zeros(tokens_BL.shape[:-1] + (self.config.vocab_size,))
         self.tokens_BL = tokens_BL
-        return jnp.zeros(tokens_BL.shape + (8,)), None
+        return jnp.zeros(tokens_BL.shape + (1,)), None
 
 
 def fed_tokens(vocab_size, codes_BN, meta, seed, **loss_kw):
