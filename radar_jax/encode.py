@@ -58,7 +58,8 @@ def encode_dataset(config, wd: workdir_lib.Workdir):
     path = wd.token_cache
     augment = config.tokens.augment
     if augment not in AUGMENTS:
-        raise config_io.ConfigError(f"config.tokens.augment={augment!r}: use one of {', '.join(AUGMENTS)}.")
+        raise config_io.ConfigError(f"config.tokens.augment={augment!r}: use one of "
+                                    f"{', '.join(AUGMENTS)}.")
     facts = cache_facts(config)
     if wd.is_finished(workdir_lib.TOKENS):
         record = wd.record(workdir_lib.TOKENS)

@@ -161,7 +161,7 @@ def layout_metadata(schedule, num_class_tokens: int = 1,
 
 
 def nested_mask(step, is_new, is_class, valid=None, xp=np):
-    """Nested attention mask from per-token metadata (RADAR.md, "Nested attention").
+    """Nested attention mask from per-token metadata (docs/method.md, "Nested attention").
 
     Rule for a valid query i and key j:
       - class keys are visible to every valid non-class query;

@@ -6,7 +6,7 @@ over the sampler steps (one per group of steps that share a padded block shape, 
 `radar_jax.sampling_plan`), with the canvas, the KV cache, the rng and the step counter carried
 in a small `SamplerState`, like maskgit's sampler.
 
-Step k (ring kinds; RADAR.md, "Inference"), with correction band b (`schedules.layouts`):
+Step k (ring kinds; docs/method.md, "Inference"), with correction band b (`schedules.layouts`):
   1. feed block B_k: the known band K_k (rings k-b..k-1; the whole known area C_{k-1} for
      b = None) first, carrying the CURRENT canvas tokens, then the new ring N_k carrying the
      learnable prompt, each at its own 2D-RoPE position; step 0 also feeds the class token in

@@ -2,7 +2,7 @@
 
 A schedule assigns every token of an HxW grid to a generation step: `ring_map[h, w]` in
 `0..K-1`. The canvas of step k is `C_k = {p : ring_map[p] <= k}`, its new ring is
-`N_k = C_k \\ C_{k-1}` and its known area is `C_{k-1}` (see RADAR.md, "Ring schedules").
+`N_k = C_k \\ C_{k-1}` and its known area is `C_{k-1}` (see docs/method.md, "Ring schedules").
 
 The packed teacher-forcing layouts, the correction band and the nested mask live in
 `radar_jax.layouts`; `train_layout`, `layout_metadata`, `pad_layout`, `nested_mask`,
@@ -22,7 +22,7 @@ from radar_jax.layouts import (  # noqa: F401
     layout_metadata, nested_mask, pad_layout, train_layout)
 
 KINDS = ("euclidean", "crops", "raster", "custom")
-# Crop sizes of the paper-style presets on a 16x16 token grid (RADAR.md, "Ring schedules").
+# Crop sizes of the paper-style presets on a 16x16 token grid (docs/method.md, "Ring schedules").
 CROP_PRESETS = {
     "crops10": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
     "crops13": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16),

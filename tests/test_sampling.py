@@ -319,7 +319,7 @@ def test_padding_waste_under_a_quarter(kind, side, kw, steps, useful):
     for config in (T.model_config("B"), T.model_config("tiny", block_size=side * side)):
         plan = sampling.plan_for_config(schedule, config)
         assert plan.num_forward_passes == steps
-        # Useful work = class token + sum_k |C_k| (RADAR.md: 1629 euclidean, 681 crops10).
+        # Useful work = class token + sum_k |C_k| (docs/method.md: 1629 euclidean, 681 crops10).
         assert plan.useful_token_forwards == 1 + int(schedule.canvas_sizes.sum())
         if useful is not None:
             assert plan.useful_token_forwards == useful

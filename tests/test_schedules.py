@@ -10,7 +10,7 @@ import pytest
 
 from radar_jax import schedules
 
-# Cumulative canvas sizes |C_k| of euclidean-13 on 16x16, from the ring sizes in RADAR.md.
+# Cumulative canvas sizes |C_k| of euclidean-13 on 16x16, from the ring sizes in docs/method.md.
 EUCLID16_RINGS = [1, 4, 8, 16, 20, 32, 32, 36, 46, 36, 20, 4, 1]
 
 
