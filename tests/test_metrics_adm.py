@@ -48,6 +48,30 @@ def test_frechet_full_covariances_against_symmetric_form():
     assert adm.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
 
 
+def _scipy_sqrtm_fid(mu1, s1, mu2, s2, eps=1e-6):
+    """The original FID code's formula (and ADM's): sqrtm of the product, eps retry, real part."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean.real)
+
+
+@pytest.mark.parametrize("dim,n1,n2", [(5, 40, 30), (24, 200, 100), (16, 9, 12)])
+def test_frechet_equals_scipy_sqrtm_formula(dim, n1, n2):
+    # Random SPD covariances, and (16, 9, 12) singular ones: fewer samples than dimensions, as
+    # sFID's 2023-d features with a small sample batch.
+    rng = np.random.default_rng(dim)
+    a = rng.normal(size=(n1, dim)) @ rng.normal(size=(dim, dim))
+    b = rng.normal(size=(n2, dim)) * rng.uniform(0.2, 2.0, dim) + 0.3
+    stats_a, stats_b = adm.statistics(a), adm.statistics(b)
+    want = _scipy_sqrtm_fid(*stats_a, *stats_b)
+    got = adm.frechet_distance(*stats_a, *stats_b)
+    assert np.isfinite(got)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6 * np.trace(stats_a[1]))
+
+
 def test_frechet_rejects_mismatched_dimensions():
     with pytest.raises(ValueError, match="same layer"):
         adm.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -171,10 +195,12 @@ def cli_files(tmp_path_factory):
     from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
     d = tmp_path_factory.mktemp("evaluate_fid")
     np.savez(d / "inception.npz", **convert.to_state_dict(inception_lib.random_variables(0)))
+    # Tiny images and few of them: the cost is the Inception compile and the two 2048-d / 2023-d
+    # Frechet distances, not the images.
     rng = np.random.default_rng(5)
-    np.savez(d / "ref.npz", rng.integers(0, 256, (8, 24, 24, 3), np.uint8))
-    np.savez(d / "samples.npz", rng.integers(0, 256, (6, 24, 24, 3), np.uint8))
-    np.savez(d / "floats.npz", rng.uniform(0, 1, (6, 24, 24, 3)))
+    np.savez(d / "ref.npz", rng.integers(0, 256, (6, 8, 8, 3), np.uint8))
+    np.savez(d / "samples.npz", rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
+    np.savez(d / "floats.npz", rng.uniform(0, 1, (4, 8, 8, 3)))
     return d
 
 
@@ -187,7 +213,7 @@ def test_evaluate_fid_command_prints_one_json_line(cli_files):
     result = json.loads(lines[0])
     assert set(result) == {"fid", "sfid", "inception_score", "precision", "recall",
                            "num_samples"}
-    assert result["num_samples"] == 6 and all(np.isfinite(v) for v in result.values())
+    assert result["num_samples"] == 4 and all(np.isfinite(v) for v in result.values())
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
     assert list(cli_files.glob("ref.radar_jax_stats.*.npz"))   # reference features cached
 

@@ -4,8 +4,9 @@ ADM = openai/guided-diffusion `evaluations/evaluator.py`, the evaluator LlamaGen
 RadAR report with. Same definitions, on features from our Flax port of the same network
 (`metrics.inception`):
 - FID / sFID: Frechet distance of Gaussians (mean, ddof-1 covariance) fitted to the pool
-  (2048-d) / spatial (mixed_6/conv, 2023-d) features; `frechet_distance` handles a singular
-  product and round-off imaginary parts as ADM does.
+  (2048-d) / spatial (mixed_6/conv, 2023-d) features; the trace of the matrix square root
+  comes from two symmetric eigendecompositions instead of scipy's sqrtm (the same number,
+  seconds instead of minutes at D = 2048; see `trace_sqrt_product`).
 - Inception Score: exp(E KL(p(y|x) || p(y))) over consecutive chunks of 5000 samples (10
   splits for 50k samples), averaged; p(y|x) = softmax of the *unbiased* logits (pool @ W).
 - Precision / Recall (Kynkaanniemi et al. 2019, k = 3): the k-NN radius of each feature
@@ -26,13 +27,11 @@ import functools
 import hashlib
 import io
 import logging
-import warnings
 
 from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 import scipy.special
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -49,20 +48,50 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as ADM computes it.
+def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric PSD square root of a symmetric (D, D) matrix, from eigh: V sqrt(L) V^T.
+    Round-off negative eigenvalues (a covariance of fewer samples than dimensions is singular)
+    are clipped to 0."""
+    eigenvalues, vectors = np.linalg.eigh(sigma)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ vectors.T
 
-    d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), with scipy's
-    sqrtm. If the root is not finite (a singular product), it is recomputed with eps * I added
-    to both covariances; an imaginary part left by round-off is dropped if the diagonal's is
-    below 1e-3, otherwise that is an error (as in ADM).
+
+def trace_sqrt_product(sigma1, sigma2) -> float:
+    """tr((sigma1 sigma2)^(1/2)) of two symmetric PSD (D, D) matrices, exactly, via two eighs.
+
+    With A = sigma1^(1/2), sigma1 sigma2 = A (A sigma2 A) A^-1 is similar to the symmetric PSD
+    matrix A sigma2 A, so the eigenvalues of sigma1 sigma2 are those of A sigma2 A (all real and
+    >= 0) and the trace of its principal square root is sum_i sqrt(lambda_i(A sigma2 A)). This
+    is the quantity scipy.linalg.sqrtm(sigma1 @ sigma2) gives the trace of (the original FID
+    code and ADM), in two symmetric eigendecompositions (about 3 s for D = 2048 on a CPU core,
+    against minutes for sqrtm's Schur method), and with no imaginary round-off to drop.
+    float64 throughout; tiny negative eigenvalues from round-off are clipped to 0.
+    """
+    root1 = _sqrt_psd(np.asarray(sigma1, np.float64))
+    middle = root1 @ np.asarray(sigma2, np.float64) @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2.0)  # symmetric up to round-off
+    return float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 0.0) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as ADM defines it.
+
+    d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). ADM (and the
+    original FID code) take the last trace from scipy's sqrtm of the product, with an eps * I
+    retry for a singular product and a check on the imaginary round-off; here it comes from the
+    symmetric eigenvalue route (`trace_sqrt_product`), which is the same number without
+    either problem: a singular product (fewer samples than dimensions) has eigenvalues 0, not
+    NaNs, and the eigenvalues are real by construction.
 
     Args:
-      mu1, mu2: (D,) means; sigma1, sigma2: (D, D) covariances (any float dtype).
+      mu1, mu2: (D,) means; sigma1, sigma2: (D, D) symmetric PSD covariances (any float dtype).
+      eps: kept for callers of ADM's signature; the eigenvalue route needs no regularisation,
+        so it is ignored.
 
     Returns:
       The distance as a float.
     """
+    del eps
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2,
                                                                                    np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -71,23 +100,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"statistics disagree in dimension: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}; compare features of the same "
                          "layer (pool with pool, spatial with spatial)")
-    with warnings.catch_warnings():
-        # ADM calls sqrtm(disp=False): a singular product is handled below, not warned about.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            logging.warning("Frechet distance: singular covariance product; adding %g to the "
-                            "diagonals", eps)
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: the covariance product's square root has an "
-                             f"imaginary component {np.max(np.abs(covmean.imag)):.3g}; the "
-                             "covariances are badly estimated: use more samples")
-        covmean = covmean.real
+    for name, value in (("mu", (mu1, mu2)), ("sigma", (sigma1, sigma2))):
+        if not all(np.isfinite(v).all() for v in value):
+            raise ValueError(f"Frechet distance: {name} has NaN or inf entries; the features "
+                             "are not finite (check the Inception weights and the images)")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                 - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
 # ------------------------------------------------------------------------------ IS
