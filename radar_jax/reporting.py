@@ -179,14 +179,17 @@ class Progress:
     """Steps/s and ETA for a loop of `total` steps starting at `start`.
 
     Logs one line every `every` steps (and at the end), and shows a tqdm bar when stderr is a
-    terminal. `update(step, **metrics)` is cheap: call it every step.
+    terminal. `update(step, **metrics)` is cheap: call it every step. Only process 0 reports:
+    on a pod every host runs the same loop, and one line per step is enough.
     """
 
     def __init__(self, name: str, total: int, start: int = 0, every: int = 50):
+        import jax  # pylint: disable=g-import-not-at-top
         self.name, self.total, self.every = name, total, max(1, every)
         self._t0, self._s0 = time.perf_counter(), start
         self._bar = None
-        if sys.stderr.isatty():
+        self._quiet = jax.process_index() != 0
+        if sys.stderr.isatty() and not self._quiet:
             from tqdm import tqdm  # pylint: disable=g-import-not-at-top
             self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
@@ -200,7 +203,7 @@ class Progress:
             if metrics:
                 self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items()},
                                       refresh=False)
-        if step % self.every == 0 or step == self.total:
+        if (step % self.every == 0 or step == self.total) and not self._quiet:
             rate = self.rate(step)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
             shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
