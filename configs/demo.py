@@ -51,5 +51,8 @@ def get_config(arg=None):
         decay="cosine", min_lr_ratio=0.1, rni_range=(0.0, 0.2), rds=True, log_every=50,
         ckpt_every=200)
     config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0)
+    # --mode=eval on an image folder (the digits have their own table): ADM's metrics of a few
+    # hundred samples; set --config.eval.inception_path and --config.eval.reference.
+    config.eval = cd.eval_(num_samples=500, batch_size=100, shard_size=100)
     config.mesh = cd.mesh()
     return config

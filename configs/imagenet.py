@@ -22,6 +22,10 @@ crops, train RadAR with LlamaGen's recipe (300 epochs at batch 256, AdamW 0.9/0.
 euclidean schedule (13 rings on 16x16: the paper's 13 steps), then sample. Needs ImageNet
 prepared for TFDS (imagenet2012): without it the run stops at once and says how to prepare it.
 Scale out with --config.mesh.fsdp=N (FSDP) or --config.mesh.tensor=N (tensor parallelism).
+Evaluate (FID / sFID / IS / Precision / Recall of 50k samples) with --mode=eval and
+--config.eval.inception_path=... --config.eval.reference=...; LlamaGen's own weights as a ready
+model: --config.train.init_from=c2i_L_256.pt --config.train.num_steps=0
+--config.schedule.kind=raster (docs/evaluate.md).
 `python configs/imagenet.py XL` prints the parameter count.
 """
 
@@ -54,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule = cd.schedule("euclidean")
     c.train = cd.generator_train(rni_range=(0.0, 0.1), rds=True)
     c.sample = cd.sampling(num_per_class=8, batch_size=32, cfg_scale=2.0)
+    # --mode=eval: 50,000 samples (50 per class) against ADM's reference batch (docs/evaluate.md).
+    c.eval = cd.eval_(num_samples=50_000, labels="per_class", batch_size=64, shard_size=1000)
     c.mesh = cd.mesh()
     return c
 

@@ -17,6 +17,7 @@ Sections:
   schedule   the ring schedule (radar_jax/schedules.py) and the correction band.
   train      generator training (radar_jax/train.py, train_step.py).
   sample     sampling and its quality evaluation (radar_jax/samples.py, quality.py).
+  eval       ImageNet evaluation, --mode=eval on non-digit data (radar_jax/imagenet_eval.py).
   mesh       device mesh sizes (radar_jax/sharding.py).
 """
 
@@ -139,6 +140,10 @@ def correction_band(value: int) -> int | None:
 def generator_train(**overrides) -> ml_collections.ConfigDict:
     """Generator training (radar_jax/train.py); LlamaGen's ImageNet recipe as defaults."""
     c = ml_collections.ConfigDict()
+    c.init_from = ""             # LlamaGen c2i GPT (.pt / .npz / .safetensors, e.g.
+                                 # c2i_L_256.pt) whose weights start a fresh run (the prompt
+                                 # embedding is new); with num_steps=0 it is only converted and
+                                 # exported, a ready model (docs/evaluate.md)
     c.batch_size = 256           # global batch (split over the mesh's data axes)
     c.num_steps = 1_500_000      # ~300 ImageNet epochs at batch 256
     c.lr = 1e-4                  # peak learning rate
@@ -193,6 +198,35 @@ def sampling(**overrides) -> ml_collections.ConfigDict:
     c.correct = True           # re-predict (correct) the known area at every step
     c.seed = 0
     c.eval_per_class = 50      # digits evaluation: samples per class for accuracy / Frechet
+    c.update(overrides)
+    return c
+
+
+def eval_(**overrides) -> ml_collections.ConfigDict:
+    """ImageNet evaluation, --mode=eval on non-digit data (radar_jax/imagenet_eval.py,
+    docs/evaluate.md). The sampler options (temperature, top_k/p, correct, schedule, band) are
+    config.sample's; cfg_scales and num_steps sweep over its cfg_scale and num_steps."""
+    c = ml_collections.ConfigDict()
+    c.what = "samples"         # 'samples': FID/sFID/IS/Precision/Recall of generated images |
+                               # 'reconstruction': rFID/PSNR/SSIM of the tokenizer on the
+                               # held-out split (at most num_samples images)
+    c.num_samples = 50_000     # images per setting (ADM / LlamaGen / VAR: 50,000)
+    c.labels = "per_class"     # 'per_class': num_samples / num_classes of each class (50 per
+                               # class, the VAR / MAR protocol) | 'uniform': random classes
+                               # (LlamaGen's protocol)
+    c.inception_path = ""      # torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or
+                               # pytorch-fid's pt_inception-2015-12-05-*.pth); '' = eval skipped
+    c.reference = ""           # ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or an
+                               # image folder; its statistics are cached next to it
+    c.use_npz_stats = False    # FID/sFID against the reference npz's own mu/sigma (ADM's TF
+                               # graph) instead of this network's statistics of its arr_0
+    c.cfg_scales = ()          # CFG scales to sweep, e.g. (1.5, 2.0); () = (sample.cfg_scale,)
+    c.num_steps = ()           # step counts to sweep (sub-ladders), e.g. (13, 10); () =
+                               # (sample.num_steps,); ignored by the raster schedule
+    c.batch_size = 64          # images per sampler call on one process (split over its devices)
+    c.shard_size = 1000        # images per shard file; a killed run resumes at a shard
+    c.inception_batch_size = 200  # images per Inception step
+    c.seed = 0                 # labels ('uniform') and shard s's draws (fold_in(seed, s))
     c.update(overrides)
     return c
 

@@ -20,6 +20,7 @@ import time
 
 import ml_collections
 
+from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_defaults as cd
 from radar_jax import config_io
 from radar_jax import data as data_lib
@@ -87,6 +88,52 @@ def _check_before_work(config, stages, mode):
             raise config_io.ConfigError(f"config.schedule: {e}") from None
 
 
+def _convert_ready_stages(config, wd: workdir_lib.Workdir) -> None:
+    """Pretrained weights as a ready model: before sampling a workdir whose stages never ran, a
+    tokenizer with num_steps=0 and init_from (LlamaGen's VQ-16) and a generator with
+    train.init_from (LlamaGen's c2i GPT) and no checkpoint are converted and exported, so
+    `--mode=sample` / `--mode=eval` need no training (docs/evaluate.md)."""
+    vq = config.tokenizer
+    if not vq.num_steps and vq.init_from and not wd.is_finished(workdir_lib.TOKENIZER):
+        from radar_jax import train_vq  # pylint: disable=g-import-not-at-top
+        metrics = train_vq.train_and_evaluate(vq, str(wd.stage(workdir_lib.TOKENIZER)))
+        wd.mark_finished(workdir_lib.TOKENIZER, 0, metrics=metrics)
+    init = config.train.get("init_from")
+    if init and not wd.is_finished(workdir_lib.GENERATOR) and ckpt_lib.latest_step(
+            wd.checkpoints_path(workdir_lib.GENERATOR)) is None:
+        from radar_jax import train  # pylint: disable=g-import-not-at-top
+        schedule = cd.schedule_from_config(config.schedule, config.model.grid)
+        if not schedule.is_next_token:
+            logging.warning("Sampling LlamaGen's %s with the %s schedule: LlamaGen is a raster "
+                            "(next-token) model; pass --config.schedule.kind=raster.", init,
+                            schedule.kind)
+        wd.save_schedule(schedule, cd.correction_band(config.schedule.correction_band))
+        train.export_init_from(config, wd.stage(workdir_lib.GENERATOR))
+        wd.mark_finished(workdir_lib.GENERATOR, 0, init_from=str(init))
+
+
+def _evaluate(config, wd: workdir_lib.Workdir) -> None:
+    """The eval stage: the digits table on the digits; ADM's metrics elsewhere, when the
+    Inception weights are given."""
+    if config.tokenizer.data.source == "digits":
+        if not wd.is_primary:  # a few hundred digits: one host measures them
+            return
+        from radar_jax import quality  # pylint: disable=g-import-not-at-top
+        table = quality.evaluate(config, wd)
+        if table:
+            print(quality.format_table(table), flush=True)
+    elif "eval" in config and config.eval.inception_path:
+        from radar_jax import imagenet_eval  # pylint: disable=g-import-not-at-top
+        table = imagenet_eval.evaluate(config, wd)
+        if table and table[0]:
+            print(imagenet_eval.format_table(table), flush=True)
+    else:
+        logging.info("Eval skipped: FID / IS on %s data need the Inception weights; pass "
+                     "--config.eval.inception_path=weights-inception-2015-12-05-6726825d.pth "
+                     "and --config.eval.reference (docs/evaluate.md).",
+                     config.tokenizer.data.source)
+
+
 def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
     """Runs `mode` ('all' or one stage) of `config` in `workdir` (a local path or gs://)."""
     stages = stages_of(config)
@@ -129,15 +176,16 @@ def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
         wd.mark_finished(workdir_lib.TOKENIZER_TPT, config.tpt.num_steps, metrics=metrics)
     elif mode == "all" and _tpt_on(config):
         logging.info("Tokenizer post-training finished earlier: skipping.")
+    if mode in ("sample", "eval", "edit"):
+        _convert_ready_stages(config, wd)
     if mode == "edit":  # zero-shot editing of config.edit.input (radar_jax/editing.py)
         from radar_jax import editing  # pylint: disable=g-import-not-at-top
         editing.write_edit(config, wd)
-    if mode in ("all", "sample"):
+    if mode in ("all", "sample") and wd.is_primary:
+        # A preview grid and GIF: process-local sampling on one host is enough (the others
+        # would only write the same files); the 50k-sample evaluation uses every host.
         from radar_jax import samples  # pylint: disable=g-import-not-at-top
         samples.write_samples(config, wd)
     if mode in ("all", "eval"):
-        from radar_jax import quality  # pylint: disable=g-import-not-at-top
-        table = quality.evaluate(config, wd)
-        if table:
-            print(quality.format_table(table), flush=True)
+        _evaluate(config, wd)
     logging.info("Done in %.1f min. Outputs in %s", (time.perf_counter() - t0) / 60, workdir)

@@ -22,6 +22,7 @@ import numpy as np
 
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_defaults as cd
+from radar_jax import config_io
 from radar_jax import data as data_lib
 from radar_jax import fileio
 from radar_jax import perf
@@ -39,6 +40,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ---------------------------------------------------------------- setup
     workdir = fileio.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if not t.num_steps and t.get("init_from"):
+        return export_init_from(config, workdir)
     writer = reporting.create_writer(workdir)
     mesh = sharding.make_mesh(config.get("mesh"))
     sharding.check_batch_divisible(t.batch_size, mesh)
@@ -93,7 +96,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    state, _ = ckpt.restore(state, train_iter)
+    state, resumed = ckpt.restore(state, train_iter)
+    if resumed is None and t.get("init_from"):
+        # A fresh run from LlamaGen's GPT: its weights, RadAR's new prompt embedding as drawn.
+        params = init_from_llamagen(config, state.params)
+        state = state.replace(params=jax.device_put(params, state_shardings.params))
+        if t.ema_decay:
+            state = state.replace(ema_params=state.params)
     start = int(state.step)
 
     # ---------------------------------------------------------------- loop
@@ -142,3 +151,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                            state.ema_params if t.ema_decay else state.params)
     writer.close()
     return last
+
+def _load_llamagen(config):
+    """(params, source) of config.train.init_from, converted for config.model."""
+    from radar_jax import convert  # pylint: disable=g-import-not-at-top
+    path = config.train.init_from
+    try:
+        _, params = convert.load_llamagen_gpt(path, config=config.model)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise config_io.ConfigError(f"config.train.init_from={path}: {e}") from None
+    return params
+
+
+def init_from_llamagen(config, params_template):
+    """LlamaGen's GPT weights (config.train.init_from) in the structure of `params_template`
+    (this run's freshly initialised params), whose prompt_embedding is kept: LlamaGen has none.
+
+    Raises ConfigError naming the file and the mismatched key and shapes when the checkpoint
+    does not fit config.model (e.g. another size: use the matching configs/imagenet.py:SIZE).
+    """
+    params = _load_llamagen(config)
+    params["prompt_embedding"] = np.asarray(jax.device_get(params_template["prompt_embedding"]))
+    logging.info("Initialised the generator from LlamaGen's %s (prompt embedding new).",
+                 config.train.init_from)
+    return params
+
+
+def export_init_from(config, workdir) -> dict[str, float]:
+    """train.num_steps=0 with init_from: LlamaGen's weights converted and exported as this
+    stage's params (no data, no training): a ready model for sampling and evaluation."""
+    params = _load_llamagen(config)
+    ckpt_lib.export_params(fileio.path(workdir) / "params", params)
+    logging.info("Generator: exported LlamaGen's %s without training.", config.train.init_from)
+    return {}
