@@ -28,7 +28,7 @@ setuptools.setup(
     ],
     extras_require={
         # What the test suite needs beyond the runtime dependencies.
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Only to read LlamaGen's PyTorch `.pt` checkpoints.
         "torch": ["torch>=2.0"],
         # clu.metric_writers (TensorBoard summaries) imports TensorFlow.
