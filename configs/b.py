@@ -7,22 +7,16 @@
 behaves exactly as --config=configs/imagenet.py:B. `python configs/b.py` prints the size.
 """
 
-import importlib.util
 import os
 
-# configs/ is not a package: load the one ImageNet config by its path.
-_spec = importlib.util.spec_from_file_location(
-    "radar_jax_imagenet_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "imagenet.py"))
-_imagenet = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_imagenet)
+from radar_jax import config_defaults as cd
+from radar_jax import config_io
 
 
 def get_config(arg=None):
     del arg
-    return _imagenet.get_config("B")
+    return config_io.load_config(os.path.join(os.path.dirname(__file__), "imagenet.py:B"))
 
 
 if __name__ == "__main__":
-    from radar_jax import config_defaults as cd
     print(cd.param_summary("RadAR-B", get_config()))
