@@ -12,12 +12,16 @@ and two processes writing beside each other never share a temporary name.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import uuid
 from typing import Any
 
 from etils import epath
+
+from radar_jax import config_io
 
 PathLike = str | os.PathLike | epath.Path
 
@@ -26,9 +30,30 @@ def path(p: PathLike) -> epath.Path:
     """An epath.Path for a local path or a cloud URL; local relative paths become absolute
     (so a path logged or stored in a record still means the same file from another cwd)."""
     out = epath.Path(p)
-    if not str(p).startswith(("gs://", "s3://")) and not out.is_absolute():
+    scheme = str(p).partition("://")[0] if "://" in str(p) else ""
+    if scheme in _CLOUD_CLIENTS:
+        if not _cloud_client_installed(scheme):
+            module, extra = _CLOUD_CLIENTS[scheme]
+            fix = f"pip install 'radar_jax[{extra}]'" if extra else f"pip install {module}"
+            raise config_io.ConfigError(f"{p}: reading {scheme}:// paths needs {module} (or "
+                                        f"TensorFlow) and neither is installed; {fix}.")
+    elif not out.is_absolute():
         out = out.absolute()
     return out
+
+
+# The package epath reads each cloud scheme through when TensorFlow (whose gfile epath prefers)
+# is absent, and the extra that installs it.
+_CLOUD_CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", None)}
+
+
+@functools.cache
+def _cloud_client_installed(scheme: str) -> bool:
+    """Whether epath can read `scheme`:// here. Checked at the first such path, because
+    without a client the failure comes from deep inside a stage, or a broad `except` takes
+    it for an unreadable checkpoint."""
+    return bool(importlib.util.find_spec(_CLOUD_CLIENTS[scheme][0])
+                or importlib.util.find_spec("tensorflow"))
 
 
 def _temp_name(target: epath.Path) -> epath.Path:
