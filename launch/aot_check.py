@@ -13,7 +13,8 @@ Prints ONE JSON line: topology (as given, and libtpu's name), device_kind, devic
 batch_size, mode, per-device argument / output / temp / alias / peak bytes (peak from the
 compiled memory analysis), the device's HBM bytes, `fits` (peak < 90% of HBM), FLOPs per device
 and per step (per device x devices) from the compiled cost analysis, compile_seconds, and the
-model settings that matter for memory (dtype, remat_policy, scan_layers, attention_impl).
+model settings that matter for memory (dtype, remat_policy, scan_layers, attention_impl),
+and the command.
 Exit status 1 when it does not fit, with one stderr line naming the knobs to turn.
 
 --mode=train compiles `radar_jax.train_step.make_train_step` (what train.py runs) at the
@@ -244,6 +245,7 @@ def main(argv):
     del argv
     config = _CONFIG.value
     row = check(config, _TOPOLOGY.value, _MODE.value, _BATCH.value)
+    row["command"] = " ".join(["python launch/aot_check.py"] + sys.argv[1:])
     print(json.dumps(row), flush=True)
     if not row["fits"]:
         knobs = ("--config.model.remat_policy=full (or minimal), --config.mesh.fsdp=N (shard "
