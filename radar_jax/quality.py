@@ -48,7 +48,13 @@ def evaluate(config, wd: workdir_lib.Workdir) -> list[dict] | None:
     trained, band = wd.trained_schedule()
     _, band = samples_lib.sampling_schedule(trained, band, band=s.correction_band)
     params = wd.params(workdir_lib.GENERATOR)
+    # The rows decode with the original tokenizer; when tokenizer post-training finished, the
+    # trained ladder's codes are also decoded by the post-trained one ("RadAR + TPT"): the
+    # same generator and the same codes, so the two rows differ only in the decoder.
     decode = samples_lib.make_decoder(config.tokenizer.model, wd.params(workdir_lib.TOKENIZER))
+    decode_tpt = (samples_lib.make_decoder(config.tokenizer.model,
+                                           wd.params(workdir_lib.TOKENIZER_TPT))
+                  if wd.is_finished(workdir_lib.TOKENIZER_TPT) else None)
     classifier = evaluation.DigitClassifier()
     reference, reference_labels = data_lib.load_digits_split("eval")
     labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32), s.eval_per_class)
@@ -60,13 +66,17 @@ def evaluate(config, wd: workdir_lib.Workdir) -> list[dict] | None:
                                      options.replace(correct=correct), batch_size=s.batch_size,
                                      correction_band=band)
         seconds = time.perf_counter() - t0
-        digits = data_lib.images_to_digits(decode(codes))
-        quality = evaluation.digits_quality(digits, labels, reference, classifier)
-        rows.append(dict(schedule=schedule.kind, steps=schedule.num_steps, correct=correct,
-                         correction_band=band or 0, accuracy=float(quality["accuracy"]),
-                         fd=float(quality["fd"]), samples=len(labels),
-                         sample_seconds=round(seconds, 2)))
-        logging.info("Quality %s", rows[-1])
+        decoders = [("original", decode)]
+        if decode_tpt is not None and not rows:
+            decoders.append(("TPT", decode_tpt))
+        for decoder, run_decode in decoders:
+            digits = data_lib.images_to_digits(run_decode(codes))
+            quality = evaluation.digits_quality(digits, labels, reference, classifier)
+            rows.append(dict(schedule=schedule.kind, steps=schedule.num_steps, correct=correct,
+                             correction_band=band or 0, decoder=decoder,
+                             accuracy=float(quality["accuracy"]), fd=float(quality["fd"]),
+                             samples=len(labels), sample_seconds=round(seconds, 2)))
+            logging.info("Quality %s", rows[-1])
     real = evaluation.digits_quality(reference, reference_labels, reference, classifier)
     result = dict(rows=rows, real_heldout_accuracy=float(real["accuracy"]),
                   cfg_scale=options.cfg_scale, temperature=options.temperature)
@@ -77,9 +87,9 @@ def evaluate(config, wd: workdir_lib.Workdir) -> list[dict] | None:
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of evaluate()'s rows."""
-    lines = ["| schedule | steps | correction | accuracy | Frechet distance |",
-             "|---|---|---|---|---|"]
+    lines = ["| schedule | steps | correction | decoder | accuracy | Frechet distance |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['schedule']} | {r['steps']} | {'on' if r['correct'] else 'off'} | "
-                     f"{r['accuracy']:.3f} | {r['fd']:.3f} |")
+                     f"{r.get('decoder', 'original')} | {r['accuracy']:.3f} | {r['fd']:.3f} |")
     return "\n".join(lines)

@@ -63,3 +63,37 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def _random_resolution_config():
+    config = tiny_config(4)
+    config.random_resolutions = (8, 16)
+    config.loss.disc_start = 100  # no GAN: one compile per resolution
+    return config
+
+
+def test_random_resolutions_draw_by_step_and_resume_bit_identical(tmp_path, monkeypatch):
+    sizes = [train_vq.resolution_for_step((8, 16), 0, step) for step in range(1, 5)]
+    assert set(sizes) == {8, 16}  # both sizes train in 4 steps (seed 0)
+    assert sizes == [train_vq.resolution_for_step((8, 16), 0, s) for s in range(1, 5)]
+    straight = str(tmp_path / "straight")
+    train_vq.train_and_evaluate(_random_resolution_config(), straight)
+    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [r["train/resolution"] for r in rows if "train/loss" in r] == sizes
+
+    crashed = str(tmp_path / "crashed")
+    restore = kill_at_batch(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        train_vq.train_and_evaluate(_random_resolution_config(), crashed)
+    restore()
+    train_vq.train_and_evaluate(_random_resolution_config(), crashed)
+    a, b = _params(straight), _params(crashed)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_random_resolutions_must_be_multiples_of_the_downsampling():
+    config = tiny_config(1)
+    config.random_resolutions = (16, 17)
+    with pytest.raises(ValueError, match=r"random_resolutions=\(16, 17\) has \[17\]"):
+        train_vq.check_resolutions(config)

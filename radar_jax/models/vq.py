@@ -250,17 +250,20 @@ class Level(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """x -> the level's output; with return_features, (output, the features before the
+        resampling conv, i.e. at this level's own resolution)."""
         for j in range(self.num_blocks):
             x = ResnetBlock(self.out_channels, self.dropout_p, self.dtype,
                             name=f"res_{j}")(x, train)
             if self.attn:
                 x = AttnBlock(self.dtype, name=f"attn_{j}")(x)
+        features = x
         if self.resample == "down":
             x = Downsample(self.dtype, name="downsample")(x)
         elif self.resample == "up":
             x = Upsample(self.dtype, name="upsample")(x)
-        return x
+        return (x, features) if return_features else x
 
 
 def _mid(x: jax.Array, channels: int, dropout_p: float, dtype: Any, train: bool) -> jax.Array:
@@ -295,7 +298,9 @@ class Decoder(nn.Module):
     hp: VQHyper
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
+        """With return_features, returns (images, features): features[i] is conv_blocks_i's
+        output before its upsample, (B, h*2**i, w*2**i, ch * decoder_ch_mult[n-1-i])."""
         hp, dtype = self.hp, self.hp.compute_dtype
         mults, n = hp.decoder_ch_mult, len(hp.decoder_ch_mult)
         c = hp.ch * mults[-1]
@@ -303,12 +308,15 @@ class Decoder(nn.Module):
         x = _mid(x, c, hp.dropout_p, dtype, train)
         # conv_blocks_0 is the deepest level (ch_mult[-1], with attention), as LlamaGen builds
         # the list in reversed(range(n)); every level but the last upsamples.
+        features = []
         for i, m in enumerate(reversed(mults)):
-            x = Level(hp.ch * m, hp.num_res_blocks + 1, attn=i == 0,
-                      resample="up" if i != n - 1 else None, dropout_p=hp.dropout_p, dtype=dtype,
-                      name=f"conv_blocks_{i}")(x, train)
+            x, f = Level(hp.ch * m, hp.num_res_blocks + 1, attn=i == 0,
+                         resample="up" if i != n - 1 else None, dropout_p=hp.dropout_p,
+                         dtype=dtype, name=f"conv_blocks_{i}")(x, train, return_features=True)
+            features.append(f)
         x = swish(group_norm("norm_out", dtype)(x))
-        return conv2d(3, 3, hp.ch * mults[0], "conv_out", dtype)(x)
+        out = conv2d(3, 3, hp.ch * mults[0], "conv_out", dtype)(x)
+        return (out, features) if return_features else out
 
 
 # --- Quantiser.
@@ -427,6 +435,7 @@ class VQModel(nn.Module):
       encode_latents(images) -> (B,h,w,D) float32 latents before quantisation (quant_conv out)
       quantize_latents(latents) -> (z_q (B,h,w,D), aux)
       decode_latents(z_q (B,h,w,D)) -> images; codes_to_latents(codes) -> (B,h,w,D)
+      decode_codes_with_features(codes) -> (images, per-level decoder features)
     """
     config: Any = None
 
@@ -480,6 +489,16 @@ class VQModel(nn.Module):
     def decode_codes(self, codes: jax.Array, train: bool = False) -> jax.Array:
         """codes (B,h,w) int -> images (B,h*f,w*f,3) float32."""
         return self.decode_latents(self.codes_to_latents(codes), train)
+
+    def decode_codes_with_features(self, codes: jax.Array, train: bool = False
+                                   ) -> tuple[jax.Array, list[jax.Array]]:
+        """codes (B,h,w) int -> (images (B,h*f,w*f,3) float32, features): features[i] float32
+        is the decoder's conv_blocks_i output before its upsample, (B, h*2**i, w*2**i,
+        ch * decoder_ch_mult[-1-i]); the images equal decode_codes'. Tokenizer post-training
+        (radar_jax/tpt.py) aligns one of them to DINOv2 features."""
+        h = self.post_quant_conv(self.codes_to_latents(codes).astype(self.hp.compute_dtype))
+        out, features = self.decoder(h, train, return_features=True)
+        return out.astype(jnp.float32), [f.astype(jnp.float32) for f in features]
 
     def __call__(self, images: jax.Array, train: bool = False
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
