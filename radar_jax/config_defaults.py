@@ -17,6 +17,7 @@ Sections:
   schedule   the ring schedule (radar_jax/schedules.py) and the correction band.
   train      generator training (radar_jax/train.py, train_step.py).
   sample     sampling and its quality evaluation (radar_jax/samples.py, quality.py).
+  tpt        optional tokenizer post-training after the generator (radar_jax/tpt.py).
   eval       ImageNet evaluation, --mode=eval on non-digit data (radar_jax/imagenet_eval.py).
   mesh       device mesh sizes (radar_jax/sharding.py).
 """
@@ -92,7 +93,48 @@ def tokenizer(model: ml_collections.ConfigDict, data_config: ml_collections.Conf
     c.eval_batch_size = 128
     c.eval_batches = 0                   # held-out batches per evaluation (0 = the whole split)
     c.eval_images = 8                    # originals/reconstructions shown in the PNG
+    c.random_resolutions = ()            # () = off; else image sides, multiples of the
+                                         # downsampling factor, e.g. (256, 320, 384): each step
+                                         # trains at one drawn from (seed, step); batches are
+                                         # read at the largest and resized on the device
     c.mesh = mesh()
+    c.update(overrides)
+    return c
+
+
+def tpt(**overrides) -> ml_collections.ConfigDict:
+    """Tokenizer post-training (radar_jax/tpt.py, docs/tpt.md): the decoder fine-tuned on the
+    trained generator's token maps mixed with the encoder's, paired with the real images.
+
+    The losses reuse config.tokenizer.loss (L2 and LPIPS weights, lpips_path, the PatchGAN's
+    shape, loss kinds and disc_weight); the fields below are what post-training sets itself.
+    """
+    c = ml_collections.ConfigDict()
+    c.enabled = False          # run the stage in --mode=all (after the generator)
+    c.num_steps = 10_000       # decoder update steps
+    c.batch_size = 64          # global batch of real images (split over the data axes)
+    c.mix_ratio = 0.5          # fraction of tokens taken from the generator's prediction; the
+                               # rest keep the encoder's ground-truth code
+    c.prediction = "argmax"    # the generator's token per position: 'argmax' | 'sample'
+    c.temperature = 1.0        # 'sample': softmax temperature (> 0)
+    c.semantic_weight = 0.5    # weight of 1 - cos(MLP(decoder features), DINOv2 patch features)
+    c.dinov2_path = ""         # DINOv2 checkpoint (HF model.safetensors with config.json, or
+                               # torch-hub dinov2_vitb14_pretrain.pth); '' = semantic term off
+    c.dino_image_size = 224    # side the real image is resized to for DINOv2 (multiple of 14)
+    c.feature_level = 0        # decoder level whose features are aligned: i = conv_blocks_i's
+                               # output before its upsample (0 = deepest, at the token grid)
+    c.projector_hidden = 512   # hidden width of the 3-layer projector MLP (SiLU)
+    c.disc_start = 0           # steps before the generator-side GAN loss is on (the fresh
+                               # discriminator trains from step 1)
+    c.lr = 1e-4                # peak learning rate (decoder + projector, and discriminator)
+    c.beta1 = 0.9
+    c.beta2 = 0.95
+    c.weight_decay = 0.0       # decoupled weight decay (0 = plain Adam)
+    c.grad_clip = 1.0          # global-norm clipping (0 = off)
+    c.warmup_steps = 0         # linear warmup from 0
+    c.log_every = 50           # steps between metric lines
+    c.ckpt_every = 1000        # steps between checkpoints (and at the end)
+    c.keep_checkpoints = 3     # checkpoints kept on disk
     c.update(overrides)
     return c
 
