@@ -1,5 +1,6 @@
-"""Zero-shot editing on images: out-painting, in-painting and class editing (docs/method.md, "Zero-shot
-uses"), with the one sampler (`sampling.sample`'s fixed_codes / fixed_mask) and a schedule.
+"""Zero-shot editing on images: out-painting, in-painting and class editing (docs/method.md,
+"Zero-shot uses"), with the one sampler (`sampling.sample`'s fixed_codes / fixed_mask) and a
+schedule.
 
 Every operation is the same four steps: encode the image with the tokenizer; build the (H, W)
 mask of the tokens that stay; pick the schedule the sampler grows the canvas with; sample with
@@ -20,10 +21,10 @@ keeps every one of them exactly), then decode.
   nothing (tests/test_editing.py checks that the logits of a shifted layout are equal); what is
   new to the model on a larger grid are offsets longer than the trained grid has.
 - `inpaint(gen, images, region, labels, prefill=...)`: regenerates the tokens of `region` (a
-  pixel box or a token mask), keeps the rest. prefill=False samples with the trained schedule
-  and the kept tokens fixed: the model sees a kept token only once the rings reach it (a hole
-  at the center is drawn first with no context; correction then revises it as the context
-  comes into the known area). prefill=True (default) uses `context_first_schedule`: one kept
+  pixel box or a token mask), keeps the rest. prefill=False (default) samples with the
+  trained schedule and the kept tokens fixed: the model sees a kept token only once the rings
+  reach it (a hole at the center is drawn first with no context; correction then revises it
+  as the context comes into the known area). prefill=True uses `context_first_schedule`: one kept
   token, then every other kept token, then the hole in layers from its border inward, so the
   whole kept region is the known area before any hole token is drawn. See docs/editing.md.
 - `edit_class(gen, images, region, new_labels)`: in-painting of `region` (None = the whole
@@ -230,7 +231,7 @@ def outpaint(gen, images, labels, *, grid=None, keep=None, num_samples: int = 1,
                    seed=seed, options=options)
 
 
-def inpaint(gen, images, region, labels, *, prefill: bool = True, num_samples: int = 1,
+def inpaint(gen, images, region, labels, *, prefill: bool = False, num_samples: int = 1,
             seed: int | None = None, **options) -> EditResult:
     """Regenerates `region` of images, keeping every other token.
 
@@ -239,9 +240,10 @@ def inpaint(gen, images, region, labels, *, prefill: bool = True, num_samples: i
       region: a pixel box (top, left, bottom, right) or an (h, w) bool token mask (True =
         regenerate), the same for every image.
       labels: int or (N,) class the region is regenerated as.
-      prefill: True: the kept tokens are the known area before any region token is drawn
-        (`context_first_schedule`); False: the trained schedule, kept tokens seen once the
-        rings reach them. 'raster' schedules always run as False.
+      prefill: False (default): the trained schedule, kept tokens seen once the rings reach
+        them; True: the kept tokens are the known area before any region token is drawn
+        (`context_first_schedule`). 'raster' schedules always run as False. On the digits
+        demo False gives the better digits (docs/editing.md).
       num_samples, seed, options: as `outpaint`.
     Returns:
       EditResult on the image's token grid; `given` = the kept tokens.
@@ -334,7 +336,12 @@ def _edit_args(e, num_classes: int):
         raise config_io.ConfigError("config.edit.input is empty: pass the image(s) to edit, "
                                     "e.g. --config.edit.input=digit.png (comma-separated).")
     name = "new_label" if e.op == "class" else "label"
-    labels = np.asarray(e[name]).reshape(-1)
+    value = e[name]
+    try:
+        labels = np.asarray([int(v) for v in str(value).strip("()[] ").split(",") if v.strip()]
+                            if isinstance(value, str) else value, np.int64).reshape(-1)
+    except ValueError:
+        labels = np.zeros((0,), np.int64)
     if labels.size not in (1, len(inputs)) or ((labels < 0) | (labels >= num_classes)).any():
         raise config_io.ConfigError(
             f"config.edit.{name}={e[name]}: give one class id in [0, {num_classes}) (or one "

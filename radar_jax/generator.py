@@ -90,7 +90,7 @@ class Generator:
     @property
     def downsample(self) -> int:
         """Image pixels per token along each axis."""
-        return vq_lib.VQModel(self.config.tokenizer.model).hp.downsample
+        return vq_lib.resolve_vq_config(self.config.tokenizer.model).downsample
 
     # ---------------------------------------------------------------- sampling
     def schedule_for(self, *, grid=None, schedule: str = "", num_steps: int = 0,
