@@ -55,6 +55,7 @@ def get_config(arg=None):
         decay="cosine", min_lr_ratio=0.1, rni_range=(0.0, 0.2), rds=True, log_every=50,
         ckpt_every=200)
     config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0)
+    config.edit = cd.edit()  # --mode=edit (docs/editing.md)
     # A small post-training budget (about a minute on a laptop CPU); --config.tpt.enabled=False
     # skips it.
     config.tpt = cd.tpt(enabled=True, num_steps=200, batch_size=32, mix_ratio=0.5, lr=1e-4,
