@@ -27,8 +27,15 @@ setuptools.setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # What the test suite needs beyond the runtime dependencies.
-        "test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # What the test suite needs beyond the runtime dependencies: the notebook runner, the
+        # reference DINOv2 (transformers builds it from a config, offline). The Inception
+        # parity test also reads torch-fidelity, installed with `pip install --no-deps
+        # torch-fidelity` (its dependencies would pull torchvision; .ci/run does this).
+        "test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "transformers>=4.40"],
+        # Compile for TPU topologies on any host (launch/aot_check.py), or run on a TPU VM.
+        # libtpu must match jax exactly: pip install ".[tpu]" "jax[tpu]==<installed jax>".
+        "tpu": ["jax[tpu]"],
         # Only to read LlamaGen's PyTorch `.pt` checkpoints.
         "torch": ["torch>=2.0"],
         # clu.metric_writers (TensorBoard summaries) imports TensorFlow.

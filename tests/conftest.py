@@ -66,8 +66,3 @@ def persistent_compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
     compilation_cache.reset_cache()
 
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: end-to-end tests of a minute or more; they run in CI, and "
-        "`pytest -m 'not slow'` skips them locally")
