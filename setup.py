@@ -36,6 +36,8 @@ setuptools.setup(
         # Compile for TPU topologies on any host (launch/aot_check.py), or run on a TPU VM.
         # libtpu must match jax exactly: pip install ".[tpu]" "jax[tpu]==<installed jax>".
         "tpu": ["jax[tpu]"],
+        # gs:// paths through etils.epath where TensorFlow's gfile is absent (fsspec + gcsfs).
+        "gcs": ["gcsfs>=2024.2"],
         # Only to read LlamaGen's PyTorch `.pt` checkpoints.
         "torch": ["torch>=2.0"],
         # clu.metric_writers (TensorBoard summaries) imports TensorFlow.
