@@ -44,7 +44,7 @@ class _BadFlag(Exception):
 
 def _run() -> dict:
     from radar_jax.metrics import adm  # pylint: disable=import-outside-toplevel
-    from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
+    from radar_jax.convert import inception as convert_inception  # pylint: disable=C0415
 
     for flag in (_INCEPTION, _REF, _SAMPLES):
         if not flag.value:
@@ -60,7 +60,7 @@ def _run() -> dict:
         raise _BadFlag("samples", _SAMPLES.value, f"{samples.shape[0]} images; Precision / "
                        "Recall (k=3 neighbours) need at least 4 (ADM uses 50,000)")
     try:
-        inception = inception_lib.Inception.from_file(_INCEPTION.value)
+        inception = convert_inception.inception_from_file(_INCEPTION.value)
     except ValueError as e:
         raise _BadFlag("inception", _INCEPTION.value, str(e)) from None
     try:

@@ -17,9 +17,10 @@ or uniformly random, LlamaGen's), decode them, and write
 
 Resuming: shard s of a setting is drawn from fold_in(key(seed), s) (then one key per process
 and per batch), so a killed run starts again at the first shard a process has not written and
-ends with the same samples.npz as an uninterrupted run (same seed, shard_size, batch_size, process and
-local device counts). Every process samples its contiguous part of each shard on its local
-devices (see `sample_images`); shard files must be on storage all processes see (gs://, NFS).
+ends with the same samples.npz as an uninterrupted run (same seed, shard_size, batch_size,
+process and local device counts). Every process samples its contiguous part of each shard on
+its local devices (see `sample_images`); shard files must be on storage all processes see
+(gs://, NFS).
 
 `config.eval.what='reconstruction'`: the tokenizer's quality on the held-out split, as
 LlamaGen's `reconstruction_vq_ddp` reports it: rFID (FID of the reconstructions against the
@@ -213,9 +214,9 @@ def generate_setting(config, wd, setting: Setting, device_params, decode
 
 # ------------------------------------------------------------------------------ the stage
 def _inception(e):
-    from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
+    from radar_jax.convert import inception as convert_inception  # pylint: disable=C0415
     try:
-        return inception_lib.Inception.from_file(e.inception_path)
+        return convert_inception.inception_from_file(e.inception_path)
     except ValueError as err:
         raise config_io.ConfigError(f"config.eval.inception_path={e.inception_path!r}: "
                                     f"{err}") from None

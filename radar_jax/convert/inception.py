@@ -149,3 +149,10 @@ def load_inception(path: str | os.PathLike) -> dict:
                          f"{_WHICH_FILE} (download it once; nothing downloads at run time)")
     sd = load_state_dict(path)
     return variables_from_state_dict(sd, source=f"Inception weights {os.fspath(path)!r}")
+
+
+def inception_from_file(path) -> inception_lib.Inception:
+    """The Inception of torch-fidelity's / pytorch-fid's .pth (or an .npz of its state dict),
+    named by the file's sha256 (reference-statistics caches are keyed by it)."""
+    return inception_lib.Inception(variables=load_inception(path),
+                                   weights_id=inception_lib.file_sha256(path)[:16])

@@ -378,18 +378,11 @@ class Inception:
     Attributes:
       variables: {'params', 'batch_stats'} of InceptionV3 (see load_inception).
       weights_id: names these weights in reference-statistics caches (the weights file's
-        sha256 when built with `from_file`); caches made with other weights are not reused.
+        sha256 when built with `convert.inception.inception_from_file`); caches made with
+        other weights are not reused.
     """
     variables: Any
     weights_id: str
-
-    @classmethod
-    def from_file(cls, path) -> "Inception":
-        """Loads torch-fidelity's / pytorch-fid's .pth (or an .npz of its state dict)."""
-        # Imported here: the converter imports this module for the parameter shapes.
-        from radar_jax.convert import inception as conv  # pylint: disable=import-outside-toplevel
-        variables = conv.load_inception(path)
-        return cls(variables=variables, weights_id=file_sha256(path)[:16])
 
     def features(self, images, *, batch_size: int = 200, keys=FEATURE_KEYS) -> dict:
         """`features(self.variables, images, ...)`: {key: float32 (N, D)}."""
