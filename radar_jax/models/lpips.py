@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from radar_jax import fileio
+
 # torchvision vgg16 `features` conv indices and output channels; a 2x2 max-pool precedes the
 # convs in POOL_BEFORE, and the LPIPS taps follow the ReLU of the convs in TAPS.
 VGG16_CONVS = ((0, 64), (2, 64), (5, 128), (7, 128), (10, 256), (12, 256), (14, 256),
@@ -173,15 +175,15 @@ def load_lpips_params(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
       ValueError: missing/unreadable file or wrong contents, naming the path and the fix.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"LPIPS weights {path!r} not found: make them once with "
+    path = fileio.path(path)  # local or gs://: a pod's workers read the file from a bucket
+    if not path.is_file():
+        raise ValueError(f"LPIPS weights {str(path)!r} not found: make them once with "
                          "`python launch/convert_lpips.py --vgg VGG16.pth --lin vgg.pth "
                          f"--out {path}` (nothing is downloaded)")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
             flat = {k: data[k] for k in data.files}
     except Exception as e:  # BadZipFile, OSError, ValueError...
-        raise ValueError(f"could not read LPIPS weights {path!r} as .npz: {e}") from e
-    check_lpips_params(flat, repr(path))
+        raise ValueError(f"could not read LPIPS weights {str(path)!r} as .npz: {e}") from e
+    check_lpips_params(flat, repr(str(path)))
     return flax.traverse_util.unflatten_dict(flat, sep="/")
