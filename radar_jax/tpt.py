@@ -249,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, wd: workdir_lib.Workdi
 
     # ---------------------------------------------------------------- model
     vq_model = vq_lib.VQModel(vq.model)
-    trainable0, frozen = split_tokenizer_params(wd.params(workdir_lib.TOKENIZER))
+    # Host copies: on several hosts, arrays on one host's device cannot seed global ones.
+    trainable0, frozen = split_tokenizer_params(jax.device_get(wd.params(workdir_lib.TOKENIZER)))
     gen_model = transformer.Transformer(config.model)
     schedule, _ = wd.trained_schedule()
     # The full layout the generator trained on (RDS, if any, only shortened it).
@@ -292,9 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, wd: workdir_lib.Workdi
     state, state_shardings = trainer.create_sharded_state(
         init_state, init_rng, mesh, sharding.rules_from_config(config))
     # The frozen inputs of every step: replicated (the generator does not train here).
-    consts = jax.device_put(dict(frozen=frozen, generator=wd.params(workdir_lib.GENERATOR),
-                                 dino=dino[1] if dino else {},
-                                 meta={k: jnp.asarray(v) for k, v in meta.items()}), replicated)
+    # Through host memory: the loaded params live on this host's first device, and a
+    # replicated array over several hosts is built from each host's own copy.
+    consts = jax.device_put(jax.device_get(dict(
+        frozen=frozen, generator=wd.params(workdir_lib.GENERATOR), dino=dino[1] if dino else {},
+        meta={k: np.asarray(v) for k, v in meta.items()})), replicated)
     consts_shardings = jax.tree.map(lambda _: replicated, consts)
 
     # ---------------------------------------------------------------- update step
@@ -379,12 +382,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, wd: workdir_lib.Workdi
     progress.close()
 
     # ---------------------------------------------------------------- export + eval
-    params = merge_tokenizer_params(frozen, jax.device_get(state.params["vq"]))
+    # Global arrays only (the replicated frozen part, the sharded trained part), so every
+    # process takes part in the collective Orbax write.
+    params = merge_tokenizer_params(consts["frozen"], state.params["vq"])
     ckpt_lib.export_params(out / "params", params)
     if projector:
         ckpt_lib.export_params(out / "projector", state.params["projector"])
     # Held-out reconstructions (true codes) with the new decoder: TPT must not break them.
-    metrics, grid = train_vq.TokenizerEvaluator(vq, vq_model, mesh)(jax.device_put(params))
+    metrics, grid = train_vq.TokenizerEvaluator(vq, vq_model, mesh)(params)
     writer.write_scalars(t.num_steps, {f"eval/{k}": v for k, v in metrics.items()})
     if wd.is_primary:
         reporting.save_png(out / "reconstructions.png", grid, scale=4)
