@@ -132,84 +132,87 @@ def _shapes_folder(root: pathlib.Path, per_class: int = 50, size: int = 32) -> p
 
 def _eval_flags(inception, folder):
     return {"eval.inception_path": str(inception), "eval.reference": str(folder),
-            "eval.num_samples": 200, "eval.shard_size": 20, "eval.batch_size": 20,
-            "eval.inception_batch_size": 50}
+            "eval.num_samples": 160, "eval.shard_size": 16, "eval.batch_size": 16,
+            "eval.inception_batch_size": 40, "tokenizer.data.path": str(folder)}
 
 
-def _cli_eval(workdir, flags, env):
+def _cli_eval(workdir, flags):
     args = [sys.executable, "-m", "radar_jax.main", "--config=configs/demo.py",
             f"--workdir={workdir}", "--mode=eval", "--config.tpt.enabled=False",
             "--config.tokenizer.data.source=imagefolder", "--config.model.num_classes=4"]
-    args += [f"--config.{k}={v}" for k, v in flags.items()]
-    return args
+    return args + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
 @pytest.mark.slow
 def test_eval_end_to_end_with_kill_and_resume(tmp_path):
+    import jax  # pylint: disable=import-outside-toplevel
     from radar_jax.convert import inception as convert  # pylint: disable=C0415
     from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
-    folder = _shapes_folder(tmp_path / "shapes")
+    folder = _shapes_folder(tmp_path / "shapes", per_class=40)
     inception = tmp_path / "inception.npz"
     np.savez(inception, **convert.to_state_dict(inception_lib.random_variables(0)))
-    # A tiny tokenizer and generator on the folder, trained in this process (eval skipped:
-    # no Inception weights given).
-    train_flags = {"tokenizer.data.source": "imagefolder", "tokenizer.data.path": str(folder),
-                   "tokenizer.num_steps": 30, "tokenizer.ckpt_every": 30,
-                   "tokenizer.log_every": 10, "tokenizer.eval_batch_size": 100,
-                   "tokenizer.loss.disc_start": 1000, "model.num_classes": 4,
-                   "train.num_steps": 30, "train.ckpt_every": 30, "train.log_every": 10,
-                   "tpt.enabled": False, "sample.num_per_class": 2, "sample.batch_size": 8}
-    config = config_io.load_config(str(REPO / "configs/demo.py"), **train_flags)
+    # A tiny tokenizer and generator on the folder, trained in this process, stage by stage
+    # (no sample stage: the eval is what is tested).
+    flags = {"tokenizer.data.source": "imagefolder", "tokenizer.num_steps": 30,
+             "tokenizer.ckpt_every": 30, "tokenizer.log_every": 10,
+             "tokenizer.eval_batch_size": 80, "tokenizer.loss.disc_start": 1000,
+             "model.num_classes": 4, "train.num_steps": 30, "train.ckpt_every": 30,
+             "train.log_every": 10, "tpt.enabled": False,
+             **_eval_flags(inception, folder)}
+    config = config_io.load_config(str(REPO / "configs/demo.py"), **flags)
     trained = tmp_path / "trained"
-    pipeline.run(config, str(trained), mode="all")
-    assert not (trained / "samples" / "eval").exists()     # skipped without inception_path
-
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    flags = dict(_eval_flags(inception, folder), **{"tokenizer.data.path": str(folder)})
-    # Interrupted: SIGKILL once the first shard file is on disk, then the same command again.
+    for mode in ("train_vq", "cache_tokens", "train"):
+        pipeline.run(config, str(trained), mode=mode)
     resumed = tmp_path / "resumed"
     shutil.copytree(trained, resumed)
-    setting_dir = resumed / "samples" / "eval" / "cfg2_steps7"
-    proc = subprocess.Popen(_cli_eval(resumed, flags, env), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if list(setting_dir.glob("shard-*.npz")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the eval finished before the kill"
-    shards_at_kill = len(list(setting_dir.glob("shard-*.npz")))
-    assert 1 <= shards_at_kill < 10 and not (setting_dir / "samples.npz").exists()
-    rerun = subprocess.run(_cli_eval(resumed, flags, env), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=900, check=False)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming at shard {shards_at_kill} of 10" in rerun.stderr
 
-    # Uninterrupted, in another copy of the same trained workdir.
+    # Uninterrupted, in this process (its compiles land in the session's persistent cache,
+    # which the command-line runs below then read).
     straight = tmp_path / "straight"
     shutil.copytree(trained, straight)
-    done = subprocess.run(_cli_eval(straight, flags, env), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    with np.load(straight / "samples" / "eval" / "cfg2_steps7" / "samples.npz") as a, \
-            np.load(setting_dir / "samples.npz") as b:
-        assert a["arr_0"].shape == (200, 32, 32, 3) and a["arr_0"].dtype == np.uint8
-        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
-        np.testing.assert_array_equal(a["arr_1"], np.arange(200) % 4)
+    pipeline.run(config, str(straight), mode="eval")
     rows = json.loads((straight / "samples" / "eval" / "metrics.json").read_text())
     assert len(rows) == 1
     row = rows[0]
-    assert (row["cfg_scale"], row["num_steps"], row["num_samples"]) == (2.0, 7, 200)
+    assert (row["cfg_scale"], row["num_steps"], row["num_samples"]) == (2.0, 7, 160)
     for key in ("fid", "sfid", "inception_score", "precision", "recall", "images_per_s",
                 "seconds"):
         assert np.isfinite(row[key]), key
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
-    assert row == {**json.loads((resumed / "samples" / "eval" / "metrics.json").read_text())[0],
-                   **{k: row[k] for k in ("images_per_s", "seconds", "metric_seconds",
-                                          "samples_npz")}}
+
+    # Interrupted: SIGKILL once the first shard file is on disk, then the same command again.
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cli_flags = {k: v for k, v in flags.items() if k.startswith(("eval.", "tokenizer.data."))}
+    setting_dir = resumed / "samples" / "eval" / "cfg2_steps7"
+    proc = subprocess.Popen(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
+            if list(setting_dir.glob("shard-*.npz")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the eval finished (or hung) before the kill"
+    shards_at_kill = len(list(setting_dir.glob("shard-*.npz")))
+    assert 1 <= shards_at_kill < 10 and not (setting_dir / "samples.npz").exists()
+    rerun = subprocess.run(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming at shard {shards_at_kill} of 10" in rerun.stderr
+
+    with np.load(straight / "samples" / "eval" / "cfg2_steps7" / "samples.npz") as a, \
+            np.load(setting_dir / "samples.npz") as b:
+        assert a["arr_0"].shape == (160, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], np.arange(160) % 4)
+    again = json.loads((resumed / "samples" / "eval" / "metrics.json").read_text())[0]
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert again[key] == pytest.approx(row[key], rel=1e-5), key
