@@ -56,12 +56,12 @@ def get_config(arg=None):
         ckpt_every=200)
     config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0)
     config.edit = cd.edit()  # --mode=edit (docs/editing.md)
+    # --mode=eval on an image folder (the digits have their own table): ADM's metrics of a few
+    # hundred samples; set --config.eval.inception_path and --config.eval.reference.
+    config.eval = cd.eval_(num_samples=500, batch_size=100, shard_size=100)
     # A small post-training budget (about a minute on a laptop CPU); --config.tpt.enabled=False
     # skips it.
     config.tpt = cd.tpt(enabled=True, num_steps=200, batch_size=32, mix_ratio=0.5, lr=1e-4,
                         log_every=50, ckpt_every=100)
-    # --mode=eval on an image folder (the digits have their own table): ADM's metrics of a few
-    # hundred samples; set --config.eval.inception_path and --config.eval.reference.
-    config.eval = cd.eval_(num_samples=500, batch_size=100, shard_size=100)
     config.mesh = cd.mesh()
     return config

@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample = cd.sampling(num_per_class=8, batch_size=32, cfg_scale=2.0)
     # --mode=eval: 50,000 samples (50 per class) against ADM's reference batch (docs/evaluate.md).
     c.eval = cd.eval_(num_samples=50_000, labels="per_class", batch_size=64, shard_size=1000)
+    # Tokenizer post-training (--mode=post_train_vq; off in --mode=all until enabled): set
+    # --config.tpt.dinov2_path to DINOv2-B's weights for the semantic term (docs/tpt.md).
+    c.tpt = cd.tpt()
     c.mesh = cd.mesh()
     return c
 

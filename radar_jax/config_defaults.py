@@ -246,6 +246,32 @@ def sampling(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def edit(**overrides) -> ml_collections.ConfigDict:
+    """Zero-shot editing of images, --mode=edit (radar_jax/editing.py, docs/editing.md). The
+    sampler options (cfg_scale, temperature, top_k/p, correct, batch_size) are config.sample's.
+    """
+    c = ml_collections.ConfigDict()
+    c.input = ""               # image file(s) to edit, comma-separated, all of one size (any
+                               # mode, read as RGB; sides multiples of the tokenizer's downsampling)
+    c.op = "outpaint"          # 'outpaint' | 'inpaint' | 'class'
+    c.box = ()                 # pixels (top, left, bottom, right) of the input, half-open:
+                               # outpaint: the part kept (() = all); inpaint: the region
+                               # regenerated (required); class: the region regenerated as
+                               # new_label (() = the whole image)
+    c.label = ""               # outpaint / inpaint: class id of the inputs, or comma-separated
+                               # ids, one per input ("3" or "2,3,5"; a str so both parse)
+    c.new_label = ""           # class: the class id(s) the region is regenerated as
+    c.grid = ()                # outpaint: token grid (H, W) of the result; () = the trained grid
+    c.prefill = False          # inpaint / class: True = the kept tokens are the known area
+                               # before the region is drawn; False = seen once the rings reach
+                               # them (the trained canvases; better on the digits demo)
+    c.num_samples = 8          # results per input
+    c.seed = 0
+    c.output = ""              # PNG name in the samples folder ('' = edit_<op>.png)
+    c.update(overrides)
+    return c
+
+
 def eval_(**overrides) -> ml_collections.ConfigDict:
     """ImageNet evaluation, --mode=eval on non-digit data (radar_jax/imagenet_eval.py,
     docs/evaluate.md). The sampler options (temperature, top_k/p, correct, schedule, band) are
@@ -271,32 +297,6 @@ def eval_(**overrides) -> ml_collections.ConfigDict:
     c.shard_size = 1000        # images per shard file; a killed run resumes at a shard
     c.inception_batch_size = 200  # images per Inception step
     c.seed = 0                 # labels ('uniform') and shard s's draws (fold_in(seed, s))
-    c.update(overrides)
-    return c
-
-
-def edit(**overrides) -> ml_collections.ConfigDict:
-    """Zero-shot editing of images, --mode=edit (radar_jax/editing.py, docs/editing.md). The
-    sampler options (cfg_scale, temperature, top_k/p, correct, batch_size) are config.sample's.
-    """
-    c = ml_collections.ConfigDict()
-    c.input = ""               # image file(s) to edit, comma-separated, all of one size (any
-                               # mode, read as RGB; sides multiples of the tokenizer's downsampling)
-    c.op = "outpaint"          # 'outpaint' | 'inpaint' | 'class'
-    c.box = ()                 # pixels (top, left, bottom, right) of the input, half-open:
-                               # outpaint: the part kept (() = all); inpaint: the region
-                               # regenerated (required); class: the region regenerated as
-                               # new_label (() = the whole image)
-    c.label = ""               # outpaint / inpaint: class id of the inputs, or comma-separated
-                               # ids, one per input ("3" or "2,3,5"; a str so both parse)
-    c.new_label = ""           # class: the class id(s) the region is regenerated as
-    c.grid = ()                # outpaint: token grid (H, W) of the result; () = the trained grid
-    c.prefill = False          # inpaint / class: True = the kept tokens are the known area
-                               # before the region is drawn; False = seen once the rings reach
-                               # them (the trained canvases; better on the digits demo)
-    c.num_samples = 8          # results per input
-    c.seed = 0
-    c.output = ""              # PNG name in the samples folder ('' = edit_<op>.png)
     c.update(overrides)
     return c
 

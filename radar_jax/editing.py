@@ -49,6 +49,7 @@ from radar_jax import config_io
 from radar_jax import fileio
 from radar_jax import reporting
 from radar_jax import schedules
+from radar_jax import workdir as workdir_lib
 
 OPS = ("outpaint", "inpaint", "class")
 
@@ -349,11 +350,10 @@ def _edit_args(e, num_classes: int):
     return e.op, inputs, np.broadcast_to(labels, (len(inputs),))
 
 
-def write_edit(config, wd) -> dict:
-    """--mode=edit: edits config.edit.input with the workdir's generator and writes
+def write_edit(config, wd, gen) -> dict:
+    """--mode=edit: edits config.edit.input with `gen` (the workdir's `Generator`) and writes
     samples/<edit.output or edit_<op>.png> (input | mask | results per row) and the codes
     (.npz beside it). Returns {'png': path, 'npz': path}."""
-    from radar_jax import generator as generator_lib  # pylint: disable=import-outside-toplevel
     if "edit" not in config:
         raise config_io.ConfigError("--mode=edit needs a config.edit section: add "
                                     "config.edit = config_defaults.edit() to the config.")
@@ -366,7 +366,6 @@ def write_edit(config, wd) -> dict:
                                     f"size ({err}).") from None
     except OSError as err:
         raise config_io.ConfigError(f"config.edit.input: cannot read an image: {err}") from None
-    gen = generator_lib.Generator(config, wd.root)
     box = tuple(e.box) or None
     kw = dict(num_samples=int(e.num_samples), seed=int(e.seed))
     try:
@@ -381,7 +380,7 @@ def write_edit(config, wd) -> dict:
             result = edit_class(gen, images, box, labels, prefill=bool(e.prefill), **kw)
     except ValueError as err:
         raise config_io.ConfigError(f"config.edit: {err}") from None
-    out = wd.stage("samples")
+    out = wd.stage(workdir_lib.SAMPLES)
     path = out / (e.output or f"edit_{op}.png")
     written = {}
     if wd.is_primary:

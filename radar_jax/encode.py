@@ -110,12 +110,12 @@ def encode_dataset(config, wd: workdir_lib.Workdir):
     vocab = int(vq_config.model.codebook_size)
     data_lib.write_token_shard(str(path), jax.process_index(), codes, labels, vocab_size=vocab)
     multihost_utils.sync_global_devices("radar_jax_encode_shards_written")
+    info = {}
     if wd.is_primary:
         info = data_lib.finalize_token_cache(str(path), dict(facts, vocab_size=vocab),
                                              num_shards=jax.process_count())
-        wd.mark_finished(workdir_lib.TOKENS, step=0, num_examples=info["num_examples"],
-                         **facts)
-    multihost_utils.sync_global_devices("radar_jax_encode_done")
+    # Every process calls this (it ends in a barrier); process 0 writes the record.
+    wd.mark_finished(workdir_lib.TOKENS, step=0, num_examples=info.get("num_examples"), **facts)
     logging.info("Encoded %d token maps %s on this host in %.1fs -> %s", len(codes),
                  codes.shape[1:], time.perf_counter() - t0, path)
     return path

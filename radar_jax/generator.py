@@ -22,6 +22,7 @@ import numpy as np
 
 from radar_jax import config_defaults as cd
 from radar_jax import config_io
+from radar_jax import editing
 from radar_jax import samples as samples_lib
 from radar_jax import schedules
 from radar_jax import workdir as workdir_lib
@@ -142,15 +143,12 @@ class Generator:
     # ---------------------------------------------------------------- editing
     def outpaint(self, images, labels, **kw):
         """`radar_jax.editing.outpaint` with this generator."""
-        from radar_jax import editing  # pylint: disable=import-outside-toplevel
         return editing.outpaint(self, images, labels, **kw)
 
     def inpaint(self, images, region, labels, **kw):
         """`radar_jax.editing.inpaint` with this generator."""
-        from radar_jax import editing  # pylint: disable=import-outside-toplevel
         return editing.inpaint(self, images, region, labels, **kw)
 
     def edit_class(self, images, region, new_labels, **kw):
         """`radar_jax.editing.edit_class` with this generator."""
-        from radar_jax import editing  # pylint: disable=import-outside-toplevel
         return editing.edit_class(self, images, region, new_labels, **kw)

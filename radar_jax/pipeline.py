@@ -180,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
         _convert_ready_stages(config, wd)
     if mode == "edit":  # zero-shot editing of config.edit.input (radar_jax/editing.py)
         from radar_jax import editing  # pylint: disable=g-import-not-at-top
-        editing.write_edit(config, wd)
+        from radar_jax import generator  # pylint: disable=g-import-not-at-top
+        editing.write_edit(config, wd, generator.Generator(config, wd.root))
     if mode in ("all", "sample") and wd.is_primary:
         # A preview grid and GIF: process-local sampling on one host is enough (the others
         # would only write the same files); the 50k-sample evaluation uses every host.

@@ -26,6 +26,7 @@ from radar_jax import config_io
 from radar_jax import data as data_lib
 from radar_jax import fileio
 from radar_jax import perf
+from radar_jax import preemption
 from radar_jax import reporting
 from radar_jax import sharding
 from radar_jax import train_step as ts
@@ -54,27 +55,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     schedule = cd.schedule_from_config(config.schedule, config.model.grid)
 
     # ---------------------------------------------------------------- data
-    codes, labels, meta_info = data_lib.load_token_cache(tokens_path)
-    if tuple(codes.shape[1:]) != tuple(config.model.grid):
-        raise ValueError(f"Token cache {tokens_path} holds {codes.shape[1:]} token maps but "
-                         f"config.model.grid={tuple(config.model.grid)}; re-encode with the "
-                         "matching tokenizer or fix the grid.")
-    if codes.max() >= config.model.vocab_size or labels.max() >= config.model.num_classes:
-        raise ValueError(f"Token cache {tokens_path} has codes up to {codes.max()} and labels up "
-                         f"to {labels.max()}, but config.model has vocab_size="
-                         f"{config.model.vocab_size}, num_classes={config.model.num_classes}.")
-    train_iter = iter(data_lib.make_token_dataset(
-        codes, labels, t.batch_size // jax.process_count(), seed=config.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count()))
+    # The cache is memory-mapped, never loaded whole; its shape, codes and labels are checked
+    # against the model before anything is compiled.
+    try:
+        cache = data_lib.TokenCache(tokens_path)
+        if tuple(cache.grid) != tuple(config.model.grid):
+            raise ValueError(f"Token cache {tokens_path} holds {tuple(cache.grid)} token maps but "
+                             f"config.model.grid={tuple(config.model.grid)}; re-encode with the "
+                             "matching tokenizer or fix the grid.")
+        data_lib.check_token_cache(cache, num_classes=config.model.num_classes,
+                                   vocab_size=config.model.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise config_io.ConfigError(str(e)) from None
+    # Each step's global batch is a pure function of the step (data/global_batches.py): the
+    # train state's step is the data position, on any number of processes.
+    batches = data_lib.GlobalTokenBatches(cache, t.batch_size, seed=config.seed,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
     layouts = ts.LayoutSampler(schedule, t, config.model.cls_token_num, seed=config.seed,
                                correction_band=cd.correction_band(
                                    config.schedule.get("correction_band", 0)))
     # The loss of predicting every token from its marginal frequency: what the model must beat.
-    freq = np.bincount(codes.ravel(), minlength=config.model.vocab_size) / codes.size
+    counts = cache.code_counts(config.model.vocab_size)
+    freq = counts / counts.sum()
     marginal_entropy = float(-np.sum(freq[freq > 0] * np.log(freq[freq > 0])))
     logging.info("Marginal-frequency baseline loss (token entropy): %.4f nats.", marginal_entropy)
     logging.info("Generator: %d token maps %s, schedule %s with %d steps, sequence length %d%s.",
-                 len(codes), codes.shape[1:], schedule.kind, schedule.num_steps, layouts.length,
+                 len(cache), tuple(cache.grid), schedule.kind, schedule.num_steps, layouts.length,
                  f", RDS {t.rds_mode}" if layouts.rds else "")
 
     # ---------------------------------------------------------------- model
@@ -96,7 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    state, resumed = ckpt.restore(state, train_iter)
+    try:
+        state, resumed = ckpt.restore(state)
+    except ckpt_lib.CheckpointMismatchError as e:
+        raise config_io.ConfigError(str(e)) from None
     if resumed is None and t.get("init_from"):
         # A fresh run from LlamaGen's GPT: its weights, RadAR's new prompt embedding as drawn.
         params = init_from_llamagen(config, state.params)
@@ -119,13 +129,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = {}
     # closing(ckpt): an interrupt (Ctrl-C) or error soon after a save must not abandon the
     # asynchronous write in flight; close() waits for it, so that checkpoint is kept.
-    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules), contextlib.closing(ckpt):
+    local = t.batch_size // jax.process_count()
+    local_rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(rules), contextlib.closing(ckpt), \
+            preemption.StopSignal() as stop:
         for step in range(start + 1, t.num_steps + 1):
-            batch = next(train_iter)
-            meta = layouts(step, t.batch_size // jax.process_count())
-            lengths = ts.sequence_lengths(meta, t.batch_size // jax.process_count())
-            useful_tokens += float(lengths.sum()) * jax.process_count()
-            useful_flops += float(flops_fn(lengths).sum()) * jax.process_count()
+            batch = batches(step)
+            # The ladders of the whole global batch, then this host's rows: example j of step s
+            # trains on the same ladder whatever the number of processes.
+            meta = layouts(step, t.batch_size)
+            lengths = ts.sequence_lengths(meta, t.batch_size)
+            useful_tokens += float(lengths.sum())
+            useful_flops += float(flops_fn(lengths).sum())
+            meta = {k: (v[local_rows] if v.ndim == 2 else v) for k, v in meta.items()}
             codes_BN = batch["codes"].reshape(len(batch["codes"]), -1)
             device_batch = sharding.shard_batch((codes_BN, batch["label"]), mesh)
             meta = {k: (sharding.shard_batch(v, mesh) if v.ndim == 2
@@ -144,13 +160,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 last = metrics
             else:
                 progress.update(step)
-            if step % t.ckpt_every == 0 or step == t.num_steps:
-                ckpt.save(step, state, train_iter)
+            stopping = stop.requested(step) and step < t.num_steps
+            if stopping or step % t.ckpt_every == 0 or step == t.num_steps:
+                ckpt.save(step, state)
+            if stopping:
+                ckpt.wait()  # the checkpoint is on disk before the process goes
+                raise preemption.Preempted(step, ckpt.directory)
     progress.close()
     ckpt_lib.export_params(workdir / "params",
                            state.ema_params if t.ema_decay else state.params)
     writer.close()
     return last
+
 
 def _load_llamagen(config):
     """(params, source) of config.train.init_from, converted for config.model."""

@@ -62,8 +62,10 @@ def _check_tokenizer(vq):
 
 def _check_generator(config):
     t, s, m = config.train, config.schedule, config.model
-    _positive(t, "train", ("num_steps", "batch_size", "log_every", "ckpt_every",
-                           "keep_checkpoints", "grad_accum"))
+    _positive(t, "train", ("batch_size", "log_every", "ckpt_every", "keep_checkpoints",
+                           "grad_accum"))
+    # 0 steps only with weights to start from: the stage then converts and exports them.
+    _positive(t, "train", ("num_steps",), allow_zero=bool(t.get("init_from")))
     _check_optimizer(t, "train")
     if t.batch_size % t.grad_accum:
         _fail("train.grad_accum", t.grad_accum,

@@ -84,7 +84,8 @@ def test_tokenizer_only_configs_have_the_pipeline_shape():
         config = config_io.load_config(str(REPO / f"configs/{name}.py"))
         assert pipeline.stages_of(config) == ("tokenizer",)
     demo = config_io.load_config(str(REPO / "configs/demo.py"))
-    assert pipeline.stages_of(demo) == ("tokenizer", "tokens", "generator", "samples")
+    assert pipeline.stages_of(demo) == ("tokenizer", "tokens", "generator", "tokenizer_tpt",
+                                        "samples")
     assert demo.tokenizer.to_dict() == config_io.load_config(
         str(REPO / "configs/demo_vq.py")).tokenizer.to_dict()
 
@@ -94,7 +95,7 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
                  "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
                  "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
                  "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
-                 "sample.eval_per_class": 2}
+                 "sample.eval_per_class": 2, "tpt.num_steps": 2, "tpt.log_every": 1}
     config = config_io.load_config(str(REPO / "configs/demo.py"), **overrides)
     workdir = str(tmp_path / "demo")
     loads = []
@@ -103,13 +104,16 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
                         lambda path, *a, **k: loads.append(str(path)) or real_load(path, *a, **k))
     pipeline.run(config, workdir)
     # One full run reads each stage's exported params once (encode, samples, eval share them).
-    assert sorted(os.path.basename(os.path.dirname(p)) for p in loads) == ["generator",
-                                                                             "tokenizer"]
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in loads) == [
+        "generator", "tokenizer", "tokenizer_tpt"]
     samples = tmp_path / "demo" / "samples"
     for name in ("samples.png", "growth.gif", "codes.npz", "metrics.json"):
         assert (samples / name).exists(), name
     rows = json.loads((samples / "metrics.json").read_text())["rows"]
-    assert [(r["steps"], r["correct"]) for r in rows] == [(7, True), (7, False)]
+    # The trained ladder decoded by both tokenizers (the TPT row shares its codes), then
+    # correction off.
+    assert [(r["steps"], r["correct"], r["decoder"]) for r in rows] == [
+        (7, True, "original"), (7, True, "TPT"), (7, False, "original")]
     assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["fd"]) for r in rows)
     codes = np.load(samples / "codes.npz")
     assert codes["codes"].shape == (10, 8, 8) and codes["codes"].min() >= 0
@@ -129,6 +133,7 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
 
     # A second run finds every stage finished: it only samples and evaluates again.
     finished = [tmp_path / "demo" / "tokens" / "finished.json",
+                tmp_path / "demo" / "tokenizer_tpt" / "finished.json",
                 tmp_path / "demo" / "tokenizer" / "finished.json",
                 tmp_path / "demo" / "generator" / "metrics.jsonl"]
     mtimes = [os.path.getmtime(p) for p in finished]

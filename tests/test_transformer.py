@@ -1,6 +1,6 @@
 """Tests for radar_jax.models.transformer: KV cache, nested-mask gradients, sizes, axes, dtypes.
 
-The packed nested layout is built here by hand from a ring map (RADAR.md, "Nested attention"),
+The packed nested layout is built here by hand from a ring map (docs/method.md, "Nested attention"),
 independently of radar_jax.schedules, so these tests check the model against the paper's rule.
 """
 
@@ -185,7 +185,7 @@ def test_rope_2d_hand_values():
 
 
 def test_param_counts_match_paper_and_llamagen():
-    # RADAR.md: L = 308M and XL = 610M non-embedding; LlamaGen: GPT-B 111M, GPT-L 343M total.
+    # docs/method.md: L = 308M and XL = 610M non-embedding; LlamaGen: GPT-B 111M, GPT-L 343M total.
     counts = {s: T.count_params(T.model_config(s)) for s in ("B", "L", "XL")}
     assert abs(counts["L"]["non_embedding"] / 308e6 - 1) < 0.005, counts["L"]
     assert abs(counts["XL"]["non_embedding"] / 610e6 - 1) < 0.005, counts["XL"]

@@ -13,4 +13,5 @@ from radar_jax.convert.inception import load_inception
 from radar_jax.convert.state_dict import load_npz_config, load_state_dict
 from radar_jax.convert.vq import load_llamagen_vq
 
-__all__ = ["load_dinov2", "load_inception", "load_llamagen_gpt", "load_llamagen_vq", "load_npz_config", "load_state_dict"]
+__all__ = ["load_dinov2", "load_inception", "load_llamagen_gpt", "load_llamagen_vq",
+           "load_npz_config", "load_state_dict"]

@@ -17,7 +17,7 @@ from radar_jax.models.attention import ATTENTION_IMPLS, n_kv_head
 
 # Sizes of the RadAR/LlamaGen registry: (n_layer, dim, n_head). 'tiny' is the parity fixture's
 # shape (../shared/fixtures/llamagen_gpt_tiny.npz). XL is 30 layers, not LlamaGen-XL's 36, to hit
-# RadAR's 610M non-embedding parameters (see RADAR.md, "Model sizes").
+# RadAR's 610M non-embedding parameters (see docs/method.md, "Model sizes").
 _SIZES = {
     "tiny": dict(n_layer=2, dim=64, n_head=4),
     "B": dict(n_layer=12, dim=768, n_head=12),
