@@ -189,4 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
         samples.write_samples(config, wd)
     if mode in ("all", "eval"):
         _evaluate(config, wd)
+    # Process 0 alone draws the preview grid and the digits table: the other hosts wait here,
+    # since a host that exits early fails jax.distributed's shutdown barrier for all of them.
+    workdir_lib.barrier("radar_jax_pipeline_done")
     logging.info("Done in %.1f min. Outputs in %s", (time.perf_counter() - t0) / 60, workdir)

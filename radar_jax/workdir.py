@@ -44,7 +44,7 @@ _RECORD = "finished.json"
 _SCHEDULE = "schedule.json"
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
     """Every process waits until process 0 wrote a record the others are about to read."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -92,7 +92,7 @@ class Workdir:
         """Records that stage `name` completed `step` steps (process 0 writes, atomically)."""
         if self.is_primary:
             fileio.write_json(self.stage(name) / _RECORD, dict(step=int(step), **facts))
-        _barrier(f"radar_jax_finished_{name}")
+        barrier(f"radar_jax_finished_{name}")
 
     def clear_finished(self, name: str) -> None:
         """Removes stage `name`'s record before it is redone, so a run killed while redoing
@@ -129,7 +129,7 @@ class Workdir:
                 kind=schedule.kind, ring_map=np.asarray(schedule.ring_map).tolist(),
                 base_steps=None if schedule.base_steps is None else list(schedule.base_steps),
                 correction_band=correction_band))
-        _barrier("radar_jax_schedule_saved")
+        barrier("radar_jax_schedule_saved")
 
     def trained_schedule(self) -> tuple[schedules.RingSchedule, int | None]:
         """(schedule, correction_band) the generator was trained with."""
