@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+import jax
 import ml_collections
 
 from radar_jax import checkpoint as ckpt_lib
@@ -182,6 +183,12 @@ def run(config: ml_collections.ConfigDict, workdir, mode: str = "all"):
         from radar_jax import editing  # pylint: disable=g-import-not-at-top
         from radar_jax import generator  # pylint: disable=g-import-not-at-top
         editing.write_edit(config, wd, generator.Generator(config, wd.root))
+    if mode in ("all", "sample", "eval") and jax.process_count() > 1:
+        # Orbax restores are collective: every host loads the params that process 0 alone
+        # samples and scores with below (each is loaded once; later calls reuse it).
+        wd.params(workdir_lib.GENERATOR)
+        wd.params(workdir_lib.TOKENIZER)
+        wd.decoder_params()
     if mode in ("all", "sample") and wd.is_primary:
         # A preview grid and GIF: process-local sampling on one host is enough (the others
         # would only write the same files); the 50k-sample evaluation uses every host.
