@@ -393,7 +393,7 @@ class _GatherTokens(grain.transforms.Map):
         return {"codes": codes, "label": labels}
 
 
-def make_token_dataset(cache, batch_size: int, *legacy, seed: int,
+def make_token_dataset(cache, batch_size: int, *, seed: int,
                        num_epochs: int | None = None, shard_index: int = 0,
                        shard_count: int = 1) -> grain.IterDataset:
     """Shuffled, repeated batches of cached token maps for generator training.
@@ -401,8 +401,8 @@ def make_token_dataset(cache, batch_size: int, *legacy, seed: int,
     Args:
       cache: a `TokenCache` (or any object with len() and `cache[indices (B,)] -> (codes int
         (B, h, w), labels int (B,))`); `TokenCache.from_arrays(codes, labels)` wraps arrays.
-        Only the maps of each batch are read. (Deprecated, until train.py moves to TokenCache:
-        `make_token_dataset(codes, labels, batch_size, ...)`.)
+        Only the maps of each batch are read. (Generator training itself uses the
+        step-indexed `GlobalTokenBatches`, which needs no iterator state.)
       batch_size: examples per batch on this host; batches may span epochs and are always
         full (a last partial batch of a finite run is dropped).
       seed: shuffle seed (int >= 0), reshuffled every epoch.
@@ -414,11 +414,6 @@ def make_token_dataset(cache, batch_size: int, *legacy, seed: int,
       iterators are checkpointable like `make_image_dataset`'s. The stream depends only on
       the seed, the shard and the cache's contents in index order (not on how it is stored).
     """
-    if legacy or isinstance(cache, np.ndarray):
-        if len(legacy) != 1:
-            raise TypeError("make_token_dataset(cache, batch_size, *, seed, ...): pass a "
-                            "TokenCache (TokenCache.from_arrays(codes, labels) for arrays).")
-        cache, batch_size = token_reader.TokenCache.from_arrays(cache, batch_size), legacy[0]
     _check_common(batch_size, seed, num_epochs, shard_index, shard_count)
     what = f"token cache of {len(cache)} maps"
     shuffle_seed, _ = _seeds(seed, shard_index)
