@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image
 
 from radar_jax.data import sources as sources_lib
-from radar_jax.data import token_reader
 
 # LlamaGen's (and ADM's) random crop: resize the short side to a random length in
 # [S, S / MIN_CROP_FRAC], then crop S x S at a random offset.
