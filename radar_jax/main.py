@@ -86,9 +86,7 @@ def main(argv):
         logging.warning("radar_jax: %s.", e)
         sys.exit(preemption.PREEMPTED_STATUS)
     except _USER_ERRORS as e:
-        # Every config has the tokenizer's data under config.tokenizer.data.
-        message = str(e).replace("--config.data.", "--config.tokenizer.data.")
-        print(f"radar_jax: {message}", file=sys.stderr, flush=True)
+        print(f"radar_jax: {e}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR)
 
 

@@ -52,17 +52,26 @@ def fixtures_dir() -> pathlib.Path:
 @pytest.fixture(scope="session", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
     """Many tests rerun the very same program (a resumed run recompiles the step it ran before
-    the kill; several tests train the same tiny model). A persistent compilation cache, private
-    to this session, turns those repeats into cache hits; the executables are the same."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
+    the kill; several tests and their `python -m radar_jax.main` subprocesses train the same
+    tiny model). A persistent compilation cache, private to this session and shared with every
+    subprocess through the environment, turns those repeats into cache hits; the executables
+    are the same."""
+    values = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_compilation_cache")),
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {name: getattr(jax.config, name) for name in values}
+    saved_env = {name.upper(): os.environ.get(name.upper()) for name in values}
     compilation_cache.reset_cache()  # the cache is set up once per process; redo it
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_compilation_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
+    for name, value in values.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # subprocesses read JAX_COMPILATION_CACHE_DIR...
     yield
     for name, value in saved.items():
         jax.config.update(name, value)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     compilation_cache.reset_cache()
 

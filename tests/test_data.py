@@ -362,7 +362,7 @@ def test_tfds_not_prepared_gives_instructions(tmp_path):
         data.check_data_available(cfg)
     msg = str(err.value)
     for needed in ("imagenet2012", str(tmp_path), "ILSVRC2012_img_train.tar", "tfds build",
-                   "--config.data.tfds_data_dir", "array_record"):
+                   "--config.tokenizer.data.tfds_data_dir", "array_record"):
         assert needed in msg
     cfg.tfds_name = "no_such_dataset_xyz"
     with pytest.raises(data.DataUnavailableError, match="no_such_dataset_xyz"):
@@ -468,35 +468,33 @@ def test_token_cache_round_trip_and_errors(tmp_path):
         data.save_token_cache(str(tmp_path / "bad"), codes, labels, {"x": object()})
 
 
-def test_token_dataset_shapes_epochs_shards_and_resume():
+def test_global_token_batches_epochs_processes_and_steps():
     n, h, w = 12, 3, 2
     codes = np.broadcast_to(np.arange(n)[:, None, None], (n, h, w)).copy()  # code = index
     labels = np.arange(n) % 5
     cache = data.TokenCache.from_arrays(codes, labels)
-    batches = list(data.make_token_dataset(cache, 4, seed=0, num_epochs=1))
-    assert len(batches) == 3
-    for b in batches:
+    batches = data.GlobalTokenBatches(cache, 4, seed=0)
+    first_epoch = [batches(step) for step in (1, 2, 3)]
+    for b in first_epoch:
         assert b["codes"].shape == (4, h, w) and b["codes"].dtype == np.int32
         assert b["label"].shape == (4,) and b["label"].dtype == np.int32
         np.testing.assert_array_equal(b["codes"][:, 0, 0] % 5, b["label"])  # pairs kept
-    order = np.concatenate([b["codes"][:, 0, 0] for b in batches])
+    order = np.concatenate([b["codes"][:, 0, 0] for b in first_epoch])
     assert sorted(order) == list(range(n))  # one epoch = every example once
     assert list(order) != list(range(n))  # ... shuffled
-    # Two hosts read disjoint halves.
-    shards = [np.concatenate([b["codes"][:, 0, 0] for b in data.make_token_dataset(
-        cache, 2, seed=0, num_epochs=1, shard_index=i, shard_count=2)])
-        for i in range(2)]
-    assert sorted(np.concatenate(shards)) == list(range(n))
-    # Repeated forever by default, reshuffled each epoch, resumable.
-    it = iter(data.make_token_dataset(cache, 4, seed=0))
-    epochs = take(it, 6)
-    first = np.concatenate([b["codes"][:, 0, 0] for b in epochs[:3]])
-    second = np.concatenate([b["codes"][:, 0, 0] for b in epochs[3:]])
-    assert sorted(second) == list(range(n)) and list(first) != list(second)
-    state = it.get_state()
-    after = take(it, 2)
-    resumed = iter(data.make_token_dataset(cache, 4, seed=0))
-    resumed.set_state(state)
-    for a, b in zip(take(resumed, 2), after):
-        np.testing.assert_array_equal(a["codes"], b["codes"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+    second = np.concatenate([batches(step)["codes"][:, 0, 0] for step in (4, 5, 6)])
+    assert sorted(second) == list(range(n)) and list(second) != list(order)  # reshuffled
+    # A batch is a pure function of the step: a fresh reader (a resumed run) asked for step 5
+    # gives what the first gave, in any order of asking.
+    fresh = data.GlobalTokenBatches(cache, 4, seed=0)
+    for step in (5, 2, 5):
+        np.testing.assert_array_equal(fresh(step)["codes"], batches(step)["codes"])
+    # Two processes read the two halves of each global batch: together, one process's batch.
+    for step in (1, 4, 7):
+        halves = [data.GlobalTokenBatches(cache, 4, seed=0, process_index=i, process_count=2)(
+            step)["codes"] for i in range(2)]
+        np.testing.assert_array_equal(np.concatenate(halves), batches(step)["codes"])
+    assert not np.array_equal(data.GlobalTokenBatches(cache, 4, seed=1)(1)["codes"],
+                              batches(1)["codes"])
+    with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 processes"):
+        data.GlobalTokenBatches(cache, 5, seed=0, process_count=2)

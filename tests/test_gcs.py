@@ -290,11 +290,7 @@ def test_demo_pipeline_on_gs_is_killed_and_resumes_from_the_bucket(gcs, tmp_path
     cwd.mkdir()
     (tmp_path / "tmp").mkdir()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               TMPDIR=str(tmp_path / "tmp"),  # where the token cache's local copy goes
-               # The resumed run recompiles what the first one compiled: share a cache.
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               TMPDIR=str(tmp_path / "tmp"))  # where the token cache's local copy goes
     workdir = "gs://bucket/run"
     first_log = tmp_path / "first.log"
 

@@ -145,7 +145,6 @@ def _cli_eval(workdir, flags):
 
 @pytest.mark.slow
 def test_eval_end_to_end_with_kill_and_resume(tmp_path):
-    import jax  # pylint: disable=import-outside-toplevel
     from radar_jax.convert import inception as convert  # pylint: disable=C0415
     from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
     folder = _shapes_folder(tmp_path / "shapes", per_class=40)
@@ -181,10 +180,7 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
 
     # Interrupted: SIGKILL once the first shard file is on disk, then the same command again.
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # with conftest's shared compilation cache
     cli_flags = {k: v for k, v in flags.items() if k.startswith(("eval.", "tokenizer.data."))}
     setting_dir = resumed / "samples" / "eval" / "cfg2_steps7"
     proc = subprocess.Popen(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,

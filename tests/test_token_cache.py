@@ -115,18 +115,17 @@ def test_random_access_equals_the_original_arrays(tmp_path):
                                                                         16384))
 
 
-def test_token_dataset_gives_the_same_batches_however_the_cache_is_stored(tmp_path):
+def test_batches_are_the_same_however_the_cache_is_stored(tmp_path):
     codes, labels = random_tokens(23, seed=3)
     path = str(tmp_path / "tokens")
     data.write_token_shard(path, 0, codes[:9], labels[:9])
     data.write_token_shard(path, 1, codes[9:], labels[9:])
     data.finalize_token_cache(path, {}, num_shards=2)
-    for kw in (dict(seed=0), dict(seed=7, shard_index=1, shard_count=2)):
-        sharded = iter(data.make_token_dataset(data.TokenCache(path), 4, **kw))
-        in_memory = iter(data.make_token_dataset(data.TokenCache.from_arrays(codes, labels), 4,
-                                                 **kw))
-        for _ in range(8):  # > one epoch
-            a, b = next(sharded), next(in_memory)
+    for kw in (dict(seed=0), dict(seed=7, process_index=1, process_count=2)):
+        sharded = data.GlobalTokenBatches(data.TokenCache(path), 4, **kw)
+        in_memory = data.GlobalTokenBatches(data.TokenCache.from_arrays(codes, labels), 4, **kw)
+        for step in range(1, 9):  # > one epoch
+            a, b = sharded(step), in_memory(step)
             np.testing.assert_array_equal(a["codes"], b["codes"])
             np.testing.assert_array_equal(a["label"], b["label"])
             assert a["codes"].dtype == np.int32

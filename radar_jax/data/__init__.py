@@ -1,6 +1,6 @@
 """Input pipelines (grain): embedded digits, image folders, TFDS; token-map caches.
 
-`config.data` (an ml_collections.ConfigDict in every config file) has these fields:
+`config.tokenizer.data` (an ml_collections.ConfigDict in every config file) has these fields:
   source: str          'digits' (scikit-learn's bundled 8x8 digits, no download; the demo),
                        'imagefolder' (a folder of class subfolders) or 'tfds' (a prepared
                        TensorFlow Datasets dataset, read without TensorFlow).
@@ -25,7 +25,8 @@
 Public API (see each module for details):
   digits.py:      load_digits_split, digits_to_images, images_to_digits
   sources.py:     make_source, check_data_available, DataUnavailableError, BadImageError
-  pipeline.py:    make_image_dataset, make_token_dataset, SkipCounter, skipped_count
+  pipeline.py:    make_image_dataset, SkipCounter, skipped_count
+  global_batches.py: GlobalTokenBatches (generator batches: a pure function of the step)
   token_cache.py: write_token_shard, finalize_token_cache, save_token_cache,
                   remove_token_cache, token_cache_state, codes_dtype, IncompleteTokenCacheError
   token_reader.py: TokenCache, check_token_cache, load_token_cache
@@ -48,7 +49,6 @@ from radar_jax.data.digits import images_to_digits
 from radar_jax.data.digits import load_digits_split
 from radar_jax.data.global_batches import GlobalTokenBatches
 from radar_jax.data.pipeline import make_image_dataset
-from radar_jax.data.pipeline import make_token_dataset
 from radar_jax.data.pipeline import SkipCounter
 from radar_jax.data.pipeline import skipped_count
 from radar_jax.data.sources import BadImageError
@@ -84,7 +84,6 @@ __all__ = [
     "load_token_cache",
     "make_image_dataset",
     "make_source",
-    "make_token_dataset",
     "remove_token_cache",
     "save_token_cache",
     "skipped_count",

@@ -77,7 +77,7 @@ def _check_size(image_size):
     if not isinstance(image_size, (int, np.integer)) or image_size < DIGIT_SIZE:
         raise ValueError(
             f"digits image_size must be an integer >= {DIGIT_SIZE}, got {image_size!r}; "
-            "set config.data.image_size to e.g. 32."
+            "set config.tokenizer.data.image_size to e.g. 32."
         )
 
 

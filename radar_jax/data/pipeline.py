@@ -1,6 +1,7 @@
-"""grain pipelines: image batches for the tokenizer, token-map batches for the generator.
+"""grain pipeline of image batches for the tokenizer (the generator's token batches are
+global_batches.py's, a pure function of the step, with no iterator state).
 
-Both pipelines are `grain.IterDataset`s whose iterators are checkpointable: `it.get_state()`
+The pipeline is a `grain.IterDataset` whose iterators are checkpointable: `it.get_state()`
 / `it.set_state(state)`, or `grain.checkpoint.CheckpointSave(it)` /
 `CheckpointRestore(it)` inside an Orbax checkpoint. The state is the position in a
 deterministic stream (shuffle order from the seed, per-example randomness from the seed and
@@ -35,8 +36,6 @@ from radar_jax.data import sources as sources_lib
 # LlamaGen's (and ADM's) random crop: resize the short side to a random length in
 # [S, S / MIN_CROP_FRAC], then crop S x S at a random offset.
 MIN_CROP_FRAC = 0.8
-# Elements read ahead per iterator (grain's default); tokens are small and read in batches.
-_TOKEN_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +315,10 @@ def _parallel_decode(ds: grain.MapDataset, num_workers: int) -> grain.IterDatase
         return ds.to_iter_dataset().mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers))
     if num_workers > 0:
-        logging.warning("config.data.num_workers=%d, but absl flags are not parsed (not under "
-                        "absl.app), so grain cannot start worker processes: decoding in this "
-                        "process's reader threads instead (the same batches).", num_workers)
+        logging.warning("config.tokenizer.data.num_workers=%d, but absl flags are not parsed "
+                        "(not under absl.app), so grain cannot start worker processes: decoding "
+                        "in this process's reader threads instead (the same batches).",
+                        num_workers)
     return ds.to_iter_dataset()
 
 
@@ -328,7 +328,7 @@ def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: i
     """Batches of preprocessed images for one host.
 
     Args:
-      data_config: `config.data` (fields in the package docstring).
+      data_config: `config.tokenizer.data` (fields in the package docstring).
       split: split name (data_config.train_split or .eval_split).
       batch_size: examples per batch on this host.
       seed: shuffle and augmentation seed (int >= 0); the same seed gives the same stream.
@@ -350,11 +350,12 @@ def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: i
     _check_common(batch_size, seed, num_epochs, shard_index, shard_count)
     image_size = data_config.image_size
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise ValueError(f"config.data.image_size={image_size!r}: must be a positive int.")
+        raise ValueError(
+            f"config.tokenizer.data.image_size={image_size!r}: must be a positive int.")
     num_workers = data_config.num_workers
     if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
-        raise ValueError(f"config.data.num_workers={num_workers!r}: must be an int >= 0 "
-                         "(0 decodes in the training process).")
+        raise ValueError(f"config.tokenizer.data.num_workers={num_workers!r}: must be an int "
+                         ">= 0 (0 decodes in the training process).")
     source = sources_lib.make_source(data_config, split)
     what = source.description
     shuffle_seed, aug_seed = _seeds(seed, shard_index)
@@ -378,46 +379,3 @@ def make_image_dataset(data_config: Any, split: str, batch_size: int, *, seed: i
                  shard_index, shard_count, what, batch_size,
                  "train (shuffled, augmented)" if train else "eval (in order)")
     return it
-
-
-class _GatherTokens(grain.transforms.Map):
-    """Batch of indices (B,) -> {'codes': int32 (B, h, w), 'label': int32 (B,)}, read from the
-    cache (a memory-mapped TokenCache reads only these B maps)."""
-
-    def __init__(self, cache):
-        self._cache = cache
-
-    def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        codes, labels = self._cache[indices]
-        return {"codes": codes, "label": labels}
-
-
-def make_token_dataset(cache, batch_size: int, *, seed: int,
-                       num_epochs: int | None = None, shard_index: int = 0,
-                       shard_count: int = 1) -> grain.IterDataset:
-    """Shuffled, repeated batches of cached token maps for generator training.
-
-    Args:
-      cache: a `TokenCache` (or any object with len() and `cache[indices (B,)] -> (codes int
-        (B, h, w), labels int (B,))`); `TokenCache.from_arrays(codes, labels)` wraps arrays.
-        Only the maps of each batch are read. (Generator training itself uses the
-        step-indexed `GlobalTokenBatches`, which needs no iterator state.)
-      batch_size: examples per batch on this host; batches may span epochs and are always
-        full (a last partial batch of a finite run is dropped).
-      seed: shuffle seed (int >= 0), reshuffled every epoch.
-      num_epochs: None repeats forever.
-      shard_index, shard_count: this host reads examples shard_index::shard_count.
-
-    Returns:
-      A grain IterDataset yielding {'codes': int32 (B, h, w), 'label': int32 (B,)}; its
-      iterators are checkpointable like `make_image_dataset`'s. The stream depends only on
-      the seed, the shard and the cache's contents in index order (not on how it is stored).
-    """
-    _check_common(batch_size, seed, num_epochs, shard_index, shard_count)
-    what = f"token cache of {len(cache)} maps"
-    shuffle_seed, _ = _seeds(seed, shard_index)
-    # Shuffle indices, not records, and gather each batch at once: one read per batch.
-    ds = _shard(grain.MapDataset.range(len(cache)), shard_index, shard_count, what)
-    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds.batch(int(batch_size), drop_remainder=True).map(_GatherTokens(cache))
-    return ds.to_iter_dataset(_TOKEN_READ)

@@ -115,9 +115,9 @@ class ImageFolderSource:
         folder = epath.Path(root)
         if not root or not folder.is_dir():
             raise DataUnavailableError(
-                f"image folder {root!r} does not exist. Set --config.data.path to a folder "
-                "holding one subfolder per class (e.g. train/n01440764/*.JPEG), or use "
-                "--config.data.source=digits for the embedded demo data.")
+                f"image folder {root!r} does not exist. Set --config.tokenizer.data.path to a "
+                "folder holding one subfolder per class (e.g. train/n01440764/*.JPEG), or use "
+                "--config.tokenizer.data.source=digits for the embedded demo data.")
         self.root = root
         self.classes = sorted(e.name for e in folder.iterdir()
                               if not e.name.startswith(".") and e.is_dir())
@@ -136,7 +136,7 @@ class ImageFolderSource:
             raise DataUnavailableError(
                 f"image folder {root!r} holds no image files in class subfolders (looked for "
                 f"{', '.join(IMAGE_EXTENSIONS)} in {len(self.classes)} subfolders).{hint} Point "
-                "--config.data.path at a folder laid out as <path>/<class>/<image>.")
+                "--config.tokenizer.data.path at a folder laid out as <path>/<class>/<image>.")
         self._paths = paths
         self._labels = np.asarray(labels, np.int32)
         self.num_classes = len(self.classes)
@@ -221,7 +221,7 @@ def _tfds_help(name: str, data_dir: str) -> str:
     msg = (f"Prepare it once, on a machine with tensorflow and tensorflow-datasets installed: "
            f"`tfds build {name} --data_dir={data_dir or '<DIR>'} --file_format=array_record` "
            "(random access needs array_record files, not tfrecord), then pass "
-           "--config.data.tfds_data_dir=<DIR>. Looked in: " + where + ".")
+           "--config.tokenizer.data.tfds_data_dir=<DIR>. Looked in: " + where + ".")
     if name.startswith("imagenet2012"):
         msg = ("ImageNet cannot be downloaded automatically: download ILSVRC2012_img_train.tar "
                "and ILSVRC2012_img_val.tar from https://image-net.org into "
@@ -288,7 +288,7 @@ def make_source(data_config: Any, split: str):
     """The random-access source of one split (a grain MapDataset source).
 
     Args:
-      data_config: `config.data` (see the package docstring for its fields).
+      data_config: `config.tokenizer.data` (see the package docstring for its fields).
       split: a split name, usually data_config.train_split or data_config.eval_split.
         imagefolder: `path/<split>` if that folder exists, else `path` itself for every split.
         digits: 'train' is the training split, any other name the fixed held-out split.
@@ -311,7 +311,7 @@ def make_source(data_config: Any, split: str):
         return ImageFolderSource(_split_folder(data_config.path, split))
     if kind == "tfds":
         return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir)
-    raise ValueError(f"config.data.source={kind!r}; use one of {SOURCES}.")
+    raise ValueError(f"config.tokenizer.data.source={kind!r}; use one of {SOURCES}.")
 
 
 def check_data_available(data_config: Any) -> str:
