@@ -25,7 +25,7 @@ over that length), achieved useful TFLOP/s, MFU on useful tokens against
 perf.measure_matmul_peak in the same dtype on every device, compile_s, peak memory (device
 memory_stats when the backend has them, else the process max RSS, which only grows across
 cases) and the compiled program's own memory estimate (largest shape), device, backend, dtype,
-remat. At the end: a table.
+remat, attention_chunk. At the end: a table.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def parse_args(argv=None):
                              "the full length, as before bucketing)")
     parser.add_argument("--correction_band", type=int, default=0,
                         help="rings of the known area re-fed per step (0 = all, the paper)")
+    parser.add_argument("--attention_chunk", type=int, default=None,
+                        help="query rows per attention chunk (0 = one pass over the whole "
+                             "mask); default: the model config's")
     parser.add_argument("--mesh", default="-1,1,1",
                         help="data,fsdp,tensor mesh sizes (-1 on one axis = the rest)")
     parser.add_argument("--out", default=None, help="JSON-lines file to append the cases to")
@@ -108,6 +111,8 @@ def pipeline_config(args, layout: str) -> ml_collections.ConfigDict:
     config.seed = 0
     # Every size on the 16x16 grid of a 256px image; 'tiny' keeps its small vocabulary.
     overrides = dict(block_size=256, grid=(16, 16)) if args.size == "tiny" else {}
+    if args.attention_chunk is not None:
+        overrides["attention_chunk"] = args.attention_chunk
     config.model = transformer.model_config(args.size, dtype=args.dtype, remat=args.remat,
                                             **overrides)
     config.schedule = cd.schedule(**LAYOUTS[layout], correction_band=args.correction_band)
@@ -190,7 +195,8 @@ def run_case(args, layout: str, peak_flops: float) -> dict:
     achieved = useful_flops / total_s
     return dict(
         layout=layout, rds=args.rds, correction_band=args.correction_band, size=args.size,
-        dtype=args.dtype, remat=args.remat, steps_per_image=schedule.num_steps,
+        dtype=args.dtype, remat=args.remat, attention_chunk=config.model.attention_chunk,
+        steps_per_image=schedule.num_steps,
         seq_len=layouts.length, batch=args.batch_size,
         rds_buckets=len(layouts.bucket_lengths),
         bucket_lengths=[int(b) for b in layouts.bucket_lengths], padded_lengths=padded,

@@ -55,7 +55,9 @@ def model_config(size: str = "tiny", **overrides: Any) -> ml_collections.ConfigD
     logits in float32, like LlamaGen's autocast; False = all bfloat16), remat (old switch: True
     = remat_policy 'full'), remat_policy ('none' | 'full' | 'minimal' | 'dots_saveable', see
     REMAT_POLICIES), attention_impl ('xla' einsum core, fastest on CPU | 'dot_product' =
-    jax.nn.dot_product_attention; see radar_jax.models.attention), scan_layers (one nn.scan
+    jax.nn.dot_product_attention; see radar_jax.models.attention), attention_chunk (query
+    rows per chunk in uncached forwards, which then skip keys past the packed layout's reach;
+    0 = one pass over the whole mask; see radar_jax.models.attention), scan_layers (one nn.scan
     over the blocks with stacked params: faster compiles; no KV cache).
 
     'tiny' is the fixture shape (dim 64, 2 layers, 4 heads, multiple_of 32, vocab 64, 10
@@ -88,6 +90,7 @@ def model_config(size: str = "tiny", **overrides: Any) -> ml_collections.ConfigD
     c.remat = False
     c.remat_policy = "none"
     c.attention_impl = "xla"
+    c.attention_chunk = 128
     c.scan_layers = False
     if size == "tiny":
         c.update(multiple_of=32, vocab_size=64, num_classes=10, block_size=64,
@@ -152,6 +155,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "'dot_product' (see radar_jax/models/attention.py).")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}: choose one of {list(ATTENTION_IMPLS)}")
+    chunk = config.get("attention_chunk", 0)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"attention_chunk={chunk!r}: give query rows per chunk as an int >= 0 "
+                         "(0 = one pass over the whole mask)")
 
 
 def ffn_hidden_dim(config) -> int:
