@@ -13,8 +13,8 @@ Prints ONE JSON line: topology (as given, and libtpu's name), device_kind, devic
 batch_size, mode, per-device argument / output / temp / alias / peak bytes (peak from the
 compiled memory analysis), the device's HBM bytes, `fits` (peak < 90% of HBM), FLOPs per device
 and per step (per device x devices) from the compiled cost analysis, compile_seconds, and the
-model settings that matter for memory (dtype, remat_policy, scan_layers, attention_impl),
-and the command.
+model settings that matter for memory (dtype, remat_policy, scan_layers, attention_impl,
+attention_chunk), and the command.
 Exit status 1 when it does not fit, with one stderr line naming the knobs to turn.
 
 --mode=train compiles `radar_jax.train_step.make_train_step` (what train.py runs) at the
@@ -231,6 +231,7 @@ def check(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
                    remat_policy=transformer.remat_policy(m),
                    scan_layers=bool(m.get("scan_layers", False)),
                    attention_impl=m.get("attention_impl", "xla"),
+                   attention_chunk=int(m.get("attention_chunk", 0)),
                    residual_float32=bool(m.get("residual_float32", True))),
         grad_accum=int(config.train.grad_accum) if mode == "train" else None,
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),

@@ -15,6 +15,21 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 FIXTURES_DIR = SHARED_DIR / "fixtures"
 
 
+# The demo pipeline at the smallest budget that runs every stage (tokenizer with and without the
+# discriminator, encode, generator, TPT, samples, digits eval), for the end-to-end tests. One
+# dict, so their subprocesses compile the same programs and share the compilation cache below.
+TINY_DEMO = {"tokenizer.num_steps": 2, "tokenizer.loss.disc_start": 1,
+             "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
+             "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
+             "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
+             "sample.eval_per_class": 2, "tpt.num_steps": 2, "tpt.log_every": 1}
+
+
+def tiny_demo_flags(**overrides) -> list[str]:
+    """TINY_DEMO (plus overrides) as `--config.x=y` flags for `python -m radar_jax.main`."""
+    return [f"--config.{k}={v}" for k, v in {**TINY_DEMO, **overrides}.items()]
+
+
 def shared_fixture(name: str) -> pathlib.Path:
     """Path of a reference fixture in ../shared/fixtures, or skips the test if it is absent."""
     path = FIXTURES_DIR / name

@@ -36,6 +36,7 @@ if importlib.util.find_spec("tensorflow") is not None:
 import fsspec  # noqa: E402  (after the skips: fsspec comes with gcsfs)
 from etils.epath import backend as epath_backend  # noqa: E402
 
+from conftest import tiny_demo_flags  # noqa: E402
 from radar_jax import checkpoint as ckpt_lib  # noqa: E402
 from radar_jax import config_io  # noqa: E402
 from radar_jax import data  # noqa: E402
@@ -266,17 +267,12 @@ def test_without_a_gcs_client_a_gs_path_stops_with_the_fix(monkeypatch):
 
 
 # ------------------------------------------------------------------- the pipeline on gs://
-TINY = {"tokenizer.num_steps": 2, "tokenizer.loss.disc_start": 1, "tokenizer.log_every": 1,
-        "tokenizer.ckpt_every": 2, "train.num_steps": 2, "train.log_every": 1,
-        "train.ckpt_every": 2, "train.rds": False, "tpt.enabled": False,
-        "sample.num_per_class": 1, "sample.batch_size": 10, "sample.eval_per_class": 1}
 RUN_TIMEOUT_S = 900
 
 
 def _command(workdir, **overrides):
-    args = [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
     return [sys.executable, "-m", "radar_jax.main", f"--config={REPO / 'configs/demo.py'}",
-            f"--workdir={workdir}", *args]
+            f"--workdir={workdir}", *tiny_demo_flags(**{"tpt.enabled": False, **overrides})]
 
 
 def _metric_steps(gcs, name):

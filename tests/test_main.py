@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import TINY_DEMO
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_io
 from radar_jax import encode
@@ -91,12 +92,7 @@ def test_tokenizer_only_configs_have_the_pipeline_shape():
 
 
 def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
-    overrides = {"tokenizer.num_steps": 2, "tokenizer.loss.disc_start": 1,
-                 "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
-                 "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
-                 "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
-                 "sample.eval_per_class": 2, "tpt.num_steps": 2, "tpt.log_every": 1}
-    config = config_io.load_config(str(REPO / "configs/demo.py"), **overrides)
+    config = config_io.load_config(str(REPO / "configs/demo.py"), **TINY_DEMO)
     workdir = str(tmp_path / "demo")
     loads = []
     real_load = ckpt_lib.load_params

@@ -15,16 +15,14 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_demo_flags
 from radar_jax import checkpoint as ckpt_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Four steps (checkpoints at 2 and 4) and RDS on: each step's ladders are drawn for the global
+# batch, which both processes must agree on.
 FLAGS = ["--config=configs/demo.py",
-         "--config.tokenizer.num_steps=2", "--config.tokenizer.loss.disc_start=1",
-         "--config.tokenizer.log_every=1", "--config.tokenizer.ckpt_every=2",
-         "--config.train.num_steps=4", "--config.train.log_every=1",
-         "--config.train.ckpt_every=2", "--config.sample.num_per_class=1",
-         "--config.sample.batch_size=10", "--config.sample.eval_per_class=2",
-         "--config.tpt.num_steps=2", "--config.tpt.log_every=1"]
+         *tiny_demo_flags(**{"train.num_steps": 4, "train.rds": True})]
 TIMEOUT = 900
 
 
