@@ -15,7 +15,8 @@ compiled memory analysis), the device's HBM bytes, `fits` (peak < 90% of HBM), F
 and per step (per device x devices) from the compiled cost analysis, compile_seconds, and the
 model settings that matter for memory (dtype, remat_policy, scan_layers, attention_impl,
 attention_chunk), and the command.
-Exit status 1 when it does not fit, with one stderr line naming the knobs to turn.
+Exit status 1 when it does not fit, with one stderr line naming the knobs to turn; 2, with
+one line, for a bad topology, batch or config field.
 
 --mode=train compiles `radar_jax.train_step.make_train_step` (what train.py runs) at the
 longest RDS bucket (the full packed length); --mode=sample compiles the sampler of
@@ -245,7 +246,11 @@ def check(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
 def main(argv):
     del argv
     config = _CONFIG.value
-    row = check(config, _TOPOLOGY.value, _MODE.value, _BATCH.value)
+    try:
+        row = check(config, _TOPOLOGY.value, _MODE.value, _BATCH.value)
+    except ValueError as e:  # a bad topology, batch or config field: one line, before compiling
+        print(f"aot_check: {e}", file=sys.stderr)
+        sys.exit(2)
     row["command"] = " ".join(["python launch/aot_check.py"] + sys.argv[1:])
     print(json.dumps(row), flush=True)
     if not row["fits"]:

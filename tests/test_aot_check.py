@@ -58,3 +58,17 @@ def test_tiny_config_compiles_for_a_v5e_slice():
     # 8 sequences of 223 tokens through ~26k params is at least 6 * params * tokens FLOPs.
     assert row["flops_per_step"] >= 6 * 20_000 * 8 * 223
     assert row["compile_seconds"] > 0
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_line_before_compiling():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU topology here")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(SCRIPT), f"--config={ROOT / 'configs' / 'demo.py'}",
+           "--topology=v5e:2x2", "--batch_size=6", "--mode=sample"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("aot_check: batch_size=6 is not divisible by the 4") and (
+        "multiple of 4" in last), last
+    assert "Traceback" not in proc.stderr and not proc.stdout.strip()

@@ -5,8 +5,8 @@ boolean mask (RadAR's nested mask, a causal one, or a mask over KV-cache slots).
 compute the same softmax(q k^T / sqrt(d)) v, chosen by the config field `attention_impl`:
 
   'xla'          explicit einsums with float32 scores and the softmax normalisation moved after
-                 the AV product (one pass fewer over the (L, S) scores). The default: on CPU it
-                 is the faster core (see the README's attention timing).
+                 the AV product (one pass fewer over the (L, S) scores). The default: on this
+                 project's CPU it is the faster core.
   'dot_product'  `jax.nn.dot_product_attention(..., mask=, implementation=None)`: XLA's
                  attention op with a boolean mask, the entry point that picks fused kernels
                  where the backend has them. On GPU, cuDNN's flash kernel takes only causal /
