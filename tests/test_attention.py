@@ -60,15 +60,16 @@ def test_chunked_core_equals_one_pass_within_the_reach_and_differs_beyond_it():
     offset = np.arange(29)[None, :] - np.arange(29)[:, None]
     mask = (rng.random((2, 29, 29)) < 0.6) & (offset < 5)  # reach 4: no key 5 or more ahead
     mask[:, :, 0] = True
-    ref = attention.einsum_attention(q, k, v, jnp.asarray(mask))
+    one_pass = jax.jit(attention.einsum_attention)
+    chunked = jax.jit(lambda *a, chunk: attention.chunked_attention(
+        attention.einsum_attention, *a, chunk, reach=5), static_argnames="chunk")
+    ref = one_pass(q, k, v, jnp.asarray(mask))
     for chunk in (1, 4, 7, 29):
-        out = attention.chunked_attention(attention.einsum_attention, q, k, v,
-                                          jnp.asarray(mask), chunk, reach=5)
+        out = chunked(q, k, v, jnp.asarray(mask), chunk=chunk)
         np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=f"chunk={chunk}")
     # A mask reaching further than promised is computed wrongly: the keys are really skipped.
     wide = jnp.ones((2, 29, 29), bool)
-    out = attention.chunked_attention(attention.einsum_attention, q, k, v, wide, 7, reach=5)
-    assert not np.allclose(out, attention.einsum_attention(q, k, v, wide), atol=1e-3)
+    assert not np.allclose(chunked(q, k, v, wide, chunk=7), one_pass(q, k, v, wide), atol=1e-3)
 
 
 def test_chunked_transformer_equals_one_pass_on_a_padded_rds_batch():
