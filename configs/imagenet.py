@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # bf16 matmuls on a float32 residual stream; 'minimal' remat (keep the weight matmuls'
     # outputs, recompute attention) is what lets XL at batch 256 fit a v5p-64 (launch/
     # aot_check.py: 87.8 GiB per device without remat, over the 85.5 GiB line). Attention in
-    # one pass (attention_chunk=0): the 128-row chunks measured faster on CPU only; on TPU
+    # one pass (attention_chunk=0): the query chunks measured faster on CPU only; on TPU
     # their speed is unmeasured (the README's aot table gives their memory).
     c.model = transformer.model_config(size, vocab_size=16384, num_classes=1000,
                                        block_size=256, grid=(16, 16), dtype="bfloat16",

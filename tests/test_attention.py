@@ -54,22 +54,61 @@ def _random_inputs(length, batch, d=8, heads=2, seed=0):
     return [jax.random.normal(key, (batch, length, heads, d)) for key in k]
 
 
-def test_chunked_core_equals_one_pass_within_the_reach_and_differs_beyond_it():
-    q, k, v = _random_inputs(29, 2)
-    rng = np.random.default_rng(0)
-    offset = np.arange(29)[None, :] - np.arange(29)[:, None]
-    mask = (rng.random((2, 29, 29)) < 0.6) & (offset < 5)  # reach 4: no key 5 or more ahead
+def _naive_attention(q, k, v, mask):
+    """The textbook formula, with none of the cores' rearrangements (head-major layout, bias
+    mask, deferred normalisation, the max out of the gradient)."""
+    scores = jnp.einsum("blhd,bshd->bhls", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhls,bshd->blhd", probs, v)
+
+
+def _within_reach_mask(length, reach, seed=0):
+    rng = np.random.default_rng(seed)
+    offset = np.arange(length)[None, :] - np.arange(length)[:, None]
+    mask = (rng.random((2, length, length)) < 0.6) & (offset < reach)  # no key `reach` ahead
     mask[:, :, 0] = True
-    one_pass = jax.jit(attention.einsum_attention)
-    chunked = jax.jit(lambda *a, chunk: attention.chunked_attention(
-        attention.einsum_attention, *a, chunk, reach=5), static_argnames="chunk")
-    ref = one_pass(q, k, v, jnp.asarray(mask))
-    for chunk in (1, 4, 7, 29):
-        out = chunked(q, k, v, jnp.asarray(mask), chunk=chunk)
-        np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=f"chunk={chunk}")
+    return jnp.asarray(mask)
+
+
+def test_chunked_cores_equal_the_textbook_formula_within_the_reach_and_differ_beyond_it():
+    q, k, v = _random_inputs(29, 2)
+    mask = _within_reach_mask(29, 5)
+    ref = _naive_attention(q, k, v, mask)
+    einsum = jax.jit(lambda *a, chunk: attention.einsum_attention(*a, None, chunk, 5),
+                     static_argnames="chunk")
+    generic = jax.jit(lambda *a, chunk: attention.chunked_attention(
+        attention.dot_product_attention, *a, chunk, reach=5), static_argnames="chunk")
+    for chunk in (0, 1, 4, 7, 29):
+        np.testing.assert_allclose(einsum(q, k, v, mask, chunk=chunk), ref, atol=1e-6,
+                                   err_msg=f"einsum core, chunk={chunk}")
+        if chunk:
+            np.testing.assert_allclose(generic(q, k, v, mask, chunk=chunk), ref, atol=1e-6,
+                                       err_msg=f"dot_product core, chunk={chunk}")
     # A mask reaching further than promised is computed wrongly: the keys are really skipped.
     wide = jnp.ones((2, 29, 29), bool)
-    assert not np.allclose(chunked(q, k, v, wide, chunk=7), one_pass(q, k, v, wide), atol=1e-3)
+    for run in (einsum, generic):
+        assert not np.allclose(run(q, k, v, wide, chunk=7), _naive_attention(q, k, v, wide),
+                               atol=1e-3)
+
+
+def test_einsum_core_gradients_equal_the_textbook_formula():
+    """The core's backward (the row max held out of the gradient, the bias mask, chunks) gives
+    autodiff's gradients of the textbook formula, grouped-query heads included."""
+    q, _, _ = _random_inputs(29, 2, heads=4)
+    _, k, v = _random_inputs(29, 2, heads=2, seed=1)
+    mask = _within_reach_mask(29, 6, seed=2)
+    k4, v4 = (jnp.repeat(x, 2, axis=2) for x in (k, v))  # torch's repeat_interleave
+    cot = jax.random.normal(jax.random.key(3), q.shape)
+    ref = jax.grad(lambda q, k, v: jnp.sum(cot * _naive_attention(
+        q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)), argnums=(0, 1, 2))
+    want = ref(q, k, v)
+    np.testing.assert_allclose(attention.einsum_attention(q, k, v, mask),
+                               _naive_attention(q, k4, v4, mask), atol=1e-6)
+    for chunk in (0, 8):
+        got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(cot * attention.einsum_attention(
+            q, k, v, mask, None, chunk, 6)), argnums=(0, 1, 2)))(q, k, v)
+        for name, g, w in zip("qkv", got, want):
+            np.testing.assert_allclose(g, w, atol=2e-5, err_msg=f"d{name}, chunk={chunk}")
 
 
 def test_chunked_transformer_equals_one_pass_on_a_padded_rds_batch():

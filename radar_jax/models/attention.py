@@ -4,9 +4,10 @@
 boolean mask (RadAR's nested mask, a causal one, or a mask over KV-cache slots). Two cores
 compute the same softmax(q k^T / sqrt(d)) v, chosen by the config field `attention_impl`:
 
-  'xla'          explicit einsums with float32 scores and the softmax normalisation moved after
-                 the AV product (one pass fewer over the (L, S) scores). The default: on this
-                 project's CPU it is the faster core.
+  'xla'          explicit einsums in head-major layout with float32 scores, the mask as an
+                 additive bias, the row max held out of the gradient and the softmax
+                 normalisation moved after the AV product (each spares a pass over the (L, S)
+                 scores). The default: on this project's CPU it is the faster core.
   'dot_product'  `jax.nn.dot_product_attention(..., mask=, implementation=None)`: XLA's
                  attention op with a boolean mask, the entry point that picks fused kernels
                  where the backend has them. On GPU, cuDNN's flash kernel takes only causal /
@@ -24,16 +25,17 @@ Both cores keep every fully masked row finite (padding rows attend uniformly), s
 layouts never produce NaNs.
 
 Uncached forwards over a packed layout (training, TPT, the reference forward) run the core over
-query chunks of `attention_chunk` rows (`chunked_attention`; 0 = one pass over the whole
-(L, L) mask). Chunk [a, b) attends only to keys [0, b + block_size): in a packed RadAR layout
-(any schedule, RDS sub-ladder or correction band; raster too) a query sees the class token,
-earlier steps and its own block, and a block holds each of the H*W grid positions at most once,
-so no query sees a key block_size or more positions after itself (tests/test_attention.py checks
-this on real layouts). On euclidean-13 (L = 1629, 55% of the mask visible) 128-row chunks
-compute 68% of the (L, L) scores, and (B, H, chunk, S) scores stay in cache where (B, H, L, L)
-ones do not: on this project's CPU a GPT-B training step on the full ladder ran 1.35x faster
-(the README's training benchmark). A mask that shows keys beyond that reach needs
-`attention_chunk=0`.
+query chunks of `attention_chunk` rows (0 = one pass over the whole (L, L) mask). Chunk [a, b)
+attends only to keys [0, b + block_size): in a packed RadAR layout (any schedule, RDS
+sub-ladder or correction band; raster too) a query sees the class token, earlier steps and its
+own block, and a block holds each of the H*W grid positions at most once, so no query sees a
+key block_size or more positions after itself (tests/test_attention.py checks this on real
+layouts). A mask that shows keys beyond that reach needs `attention_chunk=0`.
+The default, 320 rows, was the fastest of 128-768 for a GPT-B training step on euclidean-13
+(L = 1629, batch 2, float32) on this project's 2-core CPU: 23.2 s against 26.8 s for 128-row
+chunks and 29.4 s for the earlier core (row-major slices per chunk, a select mask, the max in
+the gradient) at 128 rows, in one session (the README's training benchmark has the
+side-by-side figures).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ import ml_collections
 
 ATTENTION_IMPLS = ("xla", "dot_product")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Score of a hidden key: exp(score - row max) underflows to exactly 0, and adding it to any
+# finite score stays finite.
+_MASKED = -1e30
 
 
 def n_kv_head(config) -> int:
@@ -92,30 +97,60 @@ def apply_rope(x_BLHD: jax.Array, cos_BLP: jax.Array, sin_BLP: jax.Array) -> jax
 # ----------------------------------------------------------------------------------------------
 # Attention cores: (B, L, H, D) queries, (B, S, K, D) keys/values, (B, L, S) bool mask.
 # ----------------------------------------------------------------------------------------------
-def einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, dropout=None):
+def _softmax_av(q_BKGQD, k_BKSD, v_BKSD, mask_BQS, dropout):
+    """softmax(q k^T) v on head-major operands, q already scaled by 1/sqrt(D); float32 scores,
+    returns (B, K, G, Q, D) float32.
+
+    The softmax normalisation is moved after the AV product: dividing the (Q, D) output instead
+    of the (Q, S) probabilities saves a pass over the scores. The row max is a constant of the
+    softmax (it cancels), so it carries no gradient: stop_gradient spares the backward pass the
+    argmax mask autodiff would otherwise build over the scores.
+    """
+    # The mask as an additive bias, not a select: the gradient of an add is the identity, so
+    # the backward pass skips a masked copy of the scores' cotangent. A large finite negative,
+    # not -inf: exp gives exactly 0 there, and a fully masked row stays finite.
+    bias_BQS = jnp.where(mask_BQS, 0.0, _MASKED).astype(jnp.float32)
+    scores_BKGQS = jnp.einsum("bkgqd,bksd->bkgqs", q_BKGQD, k_BKSD,
+                              preferred_element_type=jnp.float32) + bias_BQS[:, None, None]
+    max_BKGQ1 = jax.lax.stop_gradient(jnp.max(scores_BKGQS, axis=-1, keepdims=True))
+    exp_BKGQS = jnp.exp(scores_BKGQS - max_BKGQ1)
+    denom_BKGQ1 = jnp.sum(exp_BKGQS, axis=-1, keepdims=True)
+    exp_BKGQS = exp_BKGQS.astype(q_BKGQD.dtype)
+    if dropout is not None:
+        exp_BKGQS = dropout(exp_BKGQS)
+    return jnp.einsum("bkgqs,bksd->bkgqd", exp_BKGQS, v_BKSD,
+                      preferred_element_type=jnp.float32) / denom_BKGQ1
+
+
+def einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, dropout=None, chunk: int = 0,
+                     reach: int | None = None):
     """softmax(q k^T / sqrt(D)) v with float32 scores; returns (B, L, H, D) in q's dtype.
 
     Query head h uses kv head h // (H // K) (torch's repeat_interleave), without copying the
     keys. `dropout`, when given, is applied to the unnormalised probabilities (attn dropout).
+    chunk > 0: query chunks of `chunk` rows, chunk [a, b) over keys [0, min(S, b + reach)) --
+    equal to one pass when no query i sees a key j >= i + reach (see the module docstring).
+    The operands are put in head-major layout once, so each chunk's keys are a contiguous
+    prefix (no per-chunk transposes).
     """
     b, l, n_head, head_dim = q_BLHD.shape
-    n_kv = k_BSKD.shape[2]
-    q_BLKGD = q_BLHD.reshape(b, l, n_kv, n_head // n_kv, head_dim)
-    scores_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
-                              preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    # Large finite negative, not -inf: a fully masked row (padding) stays finite.
-    scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS, jnp.finfo(jnp.float32).min)
-    # Softmax with the normalisation moved after the AV product: dividing the (L, D) output
-    # instead of the (L, S) probabilities saves a pass over the scores, which dominates on CPU
-    # when S is a long cache (same values up to float rounding).
-    exp_BKGLS = jnp.exp(scores_BKGLS - jnp.max(scores_BKGLS, axis=-1, keepdims=True))
-    denom_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
-    exp_BKGLS = exp_BKGLS.astype(q_BLHD.dtype)
-    if dropout is not None:
-        exp_BKGLS = dropout(exp_BKGLS)
-    out_BKGLD = jnp.einsum("bkgls,bskd->bkgld", exp_BKGLS, v_BSKD,
-                           preferred_element_type=jnp.float32) / denom_BKGL1
-    return jnp.moveaxis(out_BKGLD, 3, 1).reshape(b, l, n_head, head_dim).astype(q_BLHD.dtype)
+    s, n_kv = k_BSKD.shape[1], k_BSKD.shape[2]
+    scale = jnp.asarray(1.0 / math.sqrt(head_dim), q_BLHD.dtype)
+    q_BKGLD = jnp.transpose((q_BLHD * scale).reshape(b, l, n_kv, n_head // n_kv, head_dim),
+                            (0, 2, 3, 1, 4))
+    k_BKSD, v_BKSD = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))
+    if not chunk or l <= chunk:
+        out_BKGLD = _softmax_av(q_BKGLD, k_BKSD, v_BKSD, mask_BLS, dropout)
+    else:
+        outs = []
+        for a in range(0, l, chunk):
+            e = min(l, a + chunk)
+            e_key = min(s, e + reach)
+            outs.append(_softmax_av(q_BKGLD[:, :, :, a:e], k_BKSD[:, :, :e_key],
+                                    v_BKSD[:, :, :e_key], mask_BLS[:, a:e, :e_key], dropout))
+        out_BKGLD = jnp.concatenate(outs, axis=3)
+    return jnp.transpose(out_BKGLD, (0, 3, 1, 2, 4)).reshape(b, l, n_head, head_dim).astype(
+        q_BLHD.dtype)
 
 
 def dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
@@ -198,20 +233,22 @@ class Attention(nn.Module):
 
         mask_BLS = jnp.broadcast_to(mask_BLS, (b,) + mask_BLS.shape[1:])
         impl = cfg.get("attention_impl", "xla")
+        chunk = cfg.get("attention_chunk", 0)
+        # Chunk only uncached forwards over a packed layout (see the module docstring).
+        chunk = chunk if layer_cache is None and chunk and l > chunk else 0
         if cfg.attn_dropout_p > 0 and train:
             # Attention dropout needs the probabilities, which only the einsum core exposes.
             drop = nn.Dropout(cfg.attn_dropout_p)
-            core = lambda *a: einsum_attention(*a, dropout=lambda p: drop(p, deterministic=False))
+            out_BLHD = einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS,
+                                        lambda p: drop(p, deterministic=False), chunk,
+                                        cfg.block_size)
         elif impl == "dot_product":
-            core = dot_product_attention
+            out_BLHD = chunked_attention(dot_product_attention, q_BLHD, k_BSKD, v_BSKD,
+                                         mask_BLS, chunk, cfg.block_size) if chunk else \
+                dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS)
         else:
-            core = einsum_attention
-        chunk = cfg.get("attention_chunk", 0)
-        if layer_cache is None and chunk and l > chunk:  # a packed layout (see the docstring)
-            out_BLHD = chunked_attention(core, q_BLHD, k_BSKD, v_BSKD, mask_BLS, chunk,
-                                         reach=cfg.block_size)
-        else:
-            out_BLHD = core(q_BLHD, k_BSKD, v_BSKD, mask_BLS)
+            out_BLHD = einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, None, chunk,
+                                        cfg.block_size)
         out_BLD = dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out_BLHD.reshape(b, l, -1))
         if cfg.resid_dropout_p > 0:
             out_BLD = nn.Dropout(cfg.resid_dropout_p)(out_BLD, deterministic=not train)

@@ -90,7 +90,7 @@ def model_config(size: str = "tiny", **overrides: Any) -> ml_collections.ConfigD
     c.remat = False
     c.remat_policy = "none"
     c.attention_impl = "xla"
-    c.attention_chunk = 128
+    c.attention_chunk = 320
     c.scan_layers = False
     if size == "tiny":
         c.update(multiple_of=32, vocab_size=64, num_classes=10, block_size=64,
