@@ -303,11 +303,12 @@ def loss_sums(model, params, codes_BN, labels_B, meta, rng, *, train: bool,
     target_pos_BL = _bcast(meta["target_pos"], b)
     targets_BL = jnp.take_along_axis(codes_BN, jnp.maximum(target_pos_BL, 0), axis=1)
     gen_BL, known_BL, weights_BL = target_weights(meta, b, known_weight, raster)
-    # Head and CE in sequence chunks: (B, L, V) float32 logits are never live at once.
-    ce_BL, correct_BL = transformer.chunked_cross_entropy(model, params, hidden_BLD, targets_BL,
-                                                          weights_BL)
+    # Head and CE in sequence chunks, the gradient fused into the forward pass: (B, L, V)
+    # float32 logits are never live at once. Only ce_weighted carries a gradient.
+    ce_weighted, ce_BL, correct_BL = transformer.weighted_cross_entropy(
+        model, params, hidden_BLD, targets_BL, weights_BL)
     total = lambda x, w: jnp.sum(jnp.where(w, x, 0.0).astype(jnp.float32))
-    return dict(ce_weighted=jnp.sum(ce_BL * weights_BL), weight=jnp.sum(weights_BL),
+    return dict(ce_weighted=ce_weighted, weight=jnp.sum(weights_BL),
                 ce_new=total(ce_BL, gen_BL), n_new=total(1.0, gen_BL),
                 correct_new=total(correct_BL, gen_BL), ce_known=total(ce_BL, known_BL),
                 n_known=total(1.0, known_BL), correct_known=total(correct_BL, known_BL),

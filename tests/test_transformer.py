@@ -425,6 +425,43 @@ def test_chunked_cross_entropy_equals_full_logits(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
 
 
+def test_fused_weighted_cross_entropy_equals_full_logits(setup):
+    """The fused head + CE (gradients computed in the forward pass, chunks that do not divide
+    L) gives the full logits' weighted CE sum and its gradients with respect to the params,
+    the hidden states (so everything below the head) and the weights."""
+    _, params, layout, model, _ = setup
+    args = _nested_args(layout)
+    targets = _tokens(2, 31, seed=7)
+    weights = np.ones((2, 31), np.float32)
+    weights[:, ::5] = 0.0
+    weights[1, 2] = 2.5
+    targets_masked = np.where(weights > 0, targets, -1)  # ignored targets may be out of range
+
+    def full(p, w):
+        logits, _ = model.apply({"params": p}, *args)
+        ce = optax_ce(logits, targets)
+        return jnp.sum(ce * w), (jnp.where(w > 0, ce, 0.0), jnp.argmax(logits, -1) == targets)
+
+    def fused(p, w):
+        hidden, _ = model.apply({"params": p}, *args, return_hidden=True)
+        total, ce, ok = T.weighted_cross_entropy(model, p, hidden, targets_masked, w, chunk=8)
+        return total, (ce, ok)
+
+    (tot_ref, (ce_ref, ok_ref)), g_ref = jax.jit(jax.value_and_grad(
+        full, argnums=(0, 1), has_aux=True))(params, weights)
+    (tot, (ce, ok)), g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(
+        params, weights)
+    np.testing.assert_allclose(tot, tot_ref, rtol=1e-6)
+    np.testing.assert_allclose(ce, ce_ref, atol=1e-5)
+    np.testing.assert_array_equal(ok, np.asarray(ok_ref) & (weights > 0))
+    # d/dweights is the CE itself (compared where the targets are real: the masked ones were
+    # replaced by -1 above).
+    on = weights > 0
+    np.testing.assert_allclose(np.asarray(g[1])[on], optax_ce(
+        model.apply({"params": params}, *args)[0], targets)[on], atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g[0], g_ref[0])
+
+
 def test_unavailable_switches_raise_clear_errors():
     with pytest.raises(ValueError, match="splash"):
         T.model_config("tiny", attention_impl="splash")

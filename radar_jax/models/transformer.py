@@ -26,7 +26,9 @@ position, and arbitrary boolean attention masks instead of LlamaGen's causal one
 Memory: `remat_policy` rematerialises each block in the backward pass ('full' saves nothing,
 'minimal' saves the weight matmuls' outputs and recomputes attention, 'dots_saveable' saves
 every matmul); `chunked_cross_entropy` computes the head and the loss over chunks of the
-sequence so the (B, L, V) float32 logits are never live at once.
+sequence so the (B, L, V) float32 logits are never live at once, and `weighted_cross_entropy`
+(what training uses) does the same with the head's gradient computed chunk by chunk in the
+forward pass, so the backward pass need not recompute the logits.
 
 Logical axis names on parameters (map them to mesh axes in `radar_jax.sharding`):
   tok_embeddings ('vocab', 'embed'); cls_embedding ('classes', 'embed') -- its own name because
@@ -40,6 +42,7 @@ Activations: the residual stream is constrained to ('batch', 'length', 'embed') 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -54,7 +57,8 @@ from radar_jax.models.transformer_config import (REMAT_POLICIES, ffn_hidden_dim,
 
 __all__ = ["model_config", "validate_config", "ffn_hidden_dim", "rope_2d", "apply_rope",
            "Transformer", "init_cache", "init_params", "param_logical_axes", "count_params",
-           "chunked_cross_entropy", "stack_layer_params", "unstack_layer_params",
+           "chunked_cross_entropy", "weighted_cross_entropy", "stack_layer_params",
+           "unstack_layer_params",
            "REMAT_POLICIES", "remat_policy"]
 
 Cache = dict[str, dict[str, jax.Array]]
@@ -362,6 +366,102 @@ def chunked_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, we
         on_BL = jnp.asarray(weights_BL) != 0
         ce_BL, correct_BL = jnp.where(on_BL, ce_BL, 0.0), correct_BL & on_BL
     return ce_BL, correct_BL
+
+
+def _chunks(hidden_BLD, targets_BL, weights_BL, chunk: int, vocab: int):
+    """(B, L, ...) -> (N, B, C, ...) near-equal sequence chunks (zero padded at the end)."""
+    b, l, d = hidden_BLD.shape
+    n_chunks = max(1, -(-l // max(1, int(chunk))))
+    size = -(-l // n_chunks)  # near-equal chunks: pad at most n_chunks - 1 positions
+    pad = n_chunks * size - l
+    split = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
+        (b, n_chunks, size) + x.shape[2:]).swapaxes(0, 1)
+    targets_BL = jnp.clip(jnp.asarray(targets_BL, jnp.int32), 0, vocab - 1)
+    return split(hidden_BLD), split(targets_BL), split(jnp.asarray(weights_BL, jnp.float32))
+
+
+def _unchunk(x_NBC, length: int):
+    return x_NBC.swapaxes(0, 1).reshape(x_NBC.shape[1], -1)[:, :length]
+
+
+def _chunk_ce(model, head_params, h_BCD, t_BC):
+    logits_BCV = model.apply({"params": head_params}, h_BCD, method="logits_from_hidden")
+    logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+    return logz_BC - picked_BC, jnp.argmax(logits_BCV, axis=-1) == t_BC
+
+
+def weighted_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, weights_BL, *,
+                           chunk: int = 256):
+    """sum(CE * weights) of the output head over chunks of the sequence, with its gradient
+    computed chunk by chunk in the forward pass (a fused linear cross-entropy).
+
+    The loss is linear in the weights, so each chunk's gradient with respect to the hidden
+    states and the head (final norm and output kernel) is known as soon as its logits are: the
+    forward pass computes the logits, their softmax and the two backward matmuls for one chunk
+    at a time, keeps only (B, L, dim) and the head's gradients, and the backward pass scales
+    them by the incoming cotangent. Three head matmuls per step instead of the four of
+    `chunked_cross_entropy` (which recomputes the logits), and no (B, L, V) array is ever live.
+
+    Args: as `chunked_cross_entropy`; weights_BL is required.
+    Returns:
+      total: float32 scalar sum(CE * weights), differentiable in params and hidden_BLD;
+      ce_BL, correct_BL: as `chunked_cross_entropy` (values only: no gradient flows through
+      them).
+    """
+    # What logits_from_hidden reads (the final norm and the output kernel), plus the one param
+    # setup() creates eagerly; the other submodules bind lazily, so their params stay out of
+    # the chunk loop (and get no zero gradients).
+    head = {k: params[k] for k in ("norm", "output", "prompt_embedding") if k in params}
+    total, ce_BL, correct_BL = _fused_ce(model, chunk, head, hidden_BLD,
+                                         jnp.asarray(targets_BL, jnp.int32),
+                                         jnp.asarray(weights_BL, jnp.float32))
+    return total, jax.lax.stop_gradient(ce_BL), correct_BL
+
+
+def _fused_ce_forward(model, chunk, head, hidden_BLD, targets_BL, weights_BL):
+    l = hidden_BLD.shape[1]
+    h_NBCD, t_NBC, w_NBC = _chunks(hidden_BLD, targets_BL, weights_BL, chunk,
+                                   model.config.vocab_size)
+
+    def one_chunk(d_head, x):
+        h_BCD, t_BC, w_BC = x
+        (ce_BC, correct_BC), vjp = jax.vjp(lambda p, h: _chunk_ce(model, p, h, t_BC), head,
+                                           h_BCD)
+        on_BC = w_BC != 0
+        g_head, g_h = vjp((w_BC, jnp.zeros(correct_BC.shape, jax.dtypes.float0)))
+        d_head = jax.tree.map(jnp.add, d_head, g_head)
+        return d_head, (ce_BC, correct_BC & on_BC, g_h)
+
+    zeros = jax.tree.map(jnp.zeros_like, head)
+    d_head, (ce_NBC, correct_NBC, d_h_NBCD) = jax.lax.scan(one_chunk, zeros,
+                                                          (h_NBCD, t_NBC, w_NBC))
+    raw_ce_BL, correct_BL = _unchunk(ce_NBC, l), _unchunk(correct_NBC, l)
+    weights_BL = jnp.asarray(weights_BL, jnp.float32)
+    ce_BL = jnp.where(weights_BL != 0, raw_ce_BL, 0.0)
+    d_hidden = jnp.moveaxis(d_h_NBCD, 0, 1).reshape(hidden_BLD.shape[0], -1,
+                                                    hidden_BLD.shape[2])[:, :l]
+    total = jnp.sum(ce_BL * weights_BL)
+    return (total, ce_BL, correct_BL), (d_head, d_hidden.astype(hidden_BLD.dtype), targets_BL,
+                                        raw_ce_BL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_ce(model, chunk, head, hidden_BLD, targets_BL, weights_BL):
+    return _fused_ce_forward(model, chunk, head, hidden_BLD, targets_BL, weights_BL)[0]
+
+
+def _fused_ce_bwd(model, chunk, res, cotangents):
+    del model, chunk
+    d_head, d_hidden, targets_BL, ce_BL = res
+    g = cotangents[0]  # ce_BL and correct_BL leave through stop_gradient / as bools
+    scale = lambda x: (x * g).astype(x.dtype)
+    # d total / d weights = the CE, also where a weight is 0.
+    return (jax.tree.map(scale, d_head), scale(d_hidden),
+            np.zeros(targets_BL.shape, jax.dtypes.float0), scale(ce_BL))
+
+
+_fused_ce.defvjp(_fused_ce_forward, _fused_ce_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
