@@ -69,9 +69,16 @@ def persistent_compilation_cache(tmp_path_factory):
     """Many tests rerun the very same program (a resumed run recompiles the step it ran before
     the kill; several tests and their `python -m radar_jax.main` subprocesses train the same
     tiny model). A persistent compilation cache, private to this session and shared with every
-    subprocess through the environment, turns those repeats into cache hits; the executables
+    pytest-xdist worker and every subprocess through the environment, turns those repeats into cache hits; the executables
     are the same."""
-    values = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_compilation_cache")),
+    # Under pytest-xdist every worker has its own basetemp under one shared root: the cache
+    # goes in that root, so the workers share it too.
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache_dir = root / "jax_compilation_cache"
+    cache_dir.mkdir(exist_ok=True)
+    values = {"jax_compilation_cache_dir": str(cache_dir),
               "jax_persistent_cache_min_compile_time_secs": 0.0,
               "jax_persistent_cache_min_entry_size_bytes": 0}
     saved = {name: getattr(jax.config, name) for name in values}

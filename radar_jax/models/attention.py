@@ -97,29 +97,27 @@ def apply_rope(x_BLHD: jax.Array, cos_BLP: jax.Array, sin_BLP: jax.Array) -> jax
 # ----------------------------------------------------------------------------------------------
 # Attention cores: (B, L, H, D) queries, (B, S, K, D) keys/values, (B, L, S) bool mask.
 # ----------------------------------------------------------------------------------------------
-def _softmax_av(q_BKGQD, k_BKSD, v_BKSD, mask_BQS, dropout):
-    """softmax(q k^T) v on head-major operands, q already scaled by 1/sqrt(D); float32 scores,
-    returns (B, K, G, Q, D) float32.
+def _softmax_av(q, k, v, mask_BQS, dropout, qk: str, av: str):
+    """softmax(q k^T) v with float32 scores, q already scaled by 1/sqrt(D); float32 result.
 
-    The softmax normalisation is moved after the AV product: dividing the (Q, D) output instead
-    of the (Q, S) probabilities saves a pass over the scores. The row max is a constant of the
-    softmax (it cancels), so it carries no gradient: stop_gradient spares the backward pass the
-    argmax mask autodiff would otherwise build over the scores.
+    `qk` and `av` are the two einsums; scores and result are laid out (B, K, G, Q, ...).
+    The mask is an additive bias, not a select: the gradient of an add is the identity, so the
+    backward pass skips a masked copy of the scores' cotangent. The row max is a constant of
+    the softmax (it cancels), so it carries no gradient: stop_gradient spares the backward pass
+    the argmax mask that autodiff would otherwise build over the scores. The normalisation is
+    moved after the AV product: dividing the (Q, D) output instead of the (Q, S) probabilities
+    saves a pass over the scores.
     """
-    # The mask as an additive bias, not a select: the gradient of an add is the identity, so
-    # the backward pass skips a masked copy of the scores' cotangent. A large finite negative,
-    # not -inf: exp gives exactly 0 there, and a fully masked row stays finite.
     bias_BQS = jnp.where(mask_BQS, 0.0, _MASKED).astype(jnp.float32)
-    scores_BKGQS = jnp.einsum("bkgqd,bksd->bkgqs", q_BKGQD, k_BKSD,
-                              preferred_element_type=jnp.float32) + bias_BQS[:, None, None]
+    scores_BKGQS = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) + \
+        bias_BQS[:, None, None]
     max_BKGQ1 = jax.lax.stop_gradient(jnp.max(scores_BKGQS, axis=-1, keepdims=True))
     exp_BKGQS = jnp.exp(scores_BKGQS - max_BKGQ1)
     denom_BKGQ1 = jnp.sum(exp_BKGQS, axis=-1, keepdims=True)
-    exp_BKGQS = exp_BKGQS.astype(q_BKGQD.dtype)
+    exp_BKGQS = exp_BKGQS.astype(q.dtype)
     if dropout is not None:
         exp_BKGQS = dropout(exp_BKGQS)
-    return jnp.einsum("bkgqs,bksd->bkgqd", exp_BKGQS, v_BKSD,
-                      preferred_element_type=jnp.float32) / denom_BKGQ1
+    return jnp.einsum(av, exp_BKGQS, v, preferred_element_type=jnp.float32) / denom_BKGQ1
 
 
 def einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, dropout=None, chunk: int = 0,
@@ -130,25 +128,29 @@ def einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, dropout=None, chunk: int 
     keys. `dropout`, when given, is applied to the unnormalised probabilities (attn dropout).
     chunk > 0: query chunks of `chunk` rows, chunk [a, b) over keys [0, min(S, b + reach)) --
     equal to one pass when no query i sees a key j >= i + reach (see the module docstring).
-    The operands are put in head-major layout once, so each chunk's keys are a contiguous
-    prefix (no per-chunk transposes).
+    Chunks run on head-major operands, transposed once, so each chunk's keys are a contiguous
+    prefix; one pass (the KV-cached sampler's few queries over a long cache) runs on the
+    operands as they are, which measured faster there.
     """
     b, l, n_head, head_dim = q_BLHD.shape
     s, n_kv = k_BSKD.shape[1], k_BSKD.shape[2]
     scale = jnp.asarray(1.0 / math.sqrt(head_dim), q_BLHD.dtype)
-    q_BKGLD = jnp.transpose((q_BLHD * scale).reshape(b, l, n_kv, n_head // n_kv, head_dim),
-                            (0, 2, 3, 1, 4))
-    k_BKSD, v_BKSD = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))
+    q_BLKGD = (q_BLHD * scale).reshape(b, l, n_kv, n_head // n_kv, head_dim)
     if not chunk or l <= chunk:
-        out_BKGLD = _softmax_av(q_BKGLD, k_BKSD, v_BKSD, mask_BLS, dropout)
-    else:
-        outs = []
-        for a in range(0, l, chunk):
-            e = min(l, a + chunk)
-            e_key = min(s, e + reach)
-            outs.append(_softmax_av(q_BKGLD[:, :, :, a:e], k_BKSD[:, :, :e_key],
-                                    v_BKSD[:, :, :e_key], mask_BLS[:, a:e, :e_key], dropout))
-        out_BKGLD = jnp.concatenate(outs, axis=3)
+        out_BKGLD = _softmax_av(q_BLKGD, k_BSKD, v_BSKD, mask_BLS, dropout,
+                                "blkgd,bskd->bkgls", "bkgls,bskd->bkgld")
+        return jnp.moveaxis(out_BKGLD, 3, 1).reshape(b, l, n_head, head_dim).astype(
+            q_BLHD.dtype)
+    q_BKGLD = jnp.transpose(q_BLKGD, (0, 2, 3, 1, 4))
+    k_BKSD, v_BKSD = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))
+    outs = []
+    for a in range(0, l, chunk):
+        e = min(l, a + chunk)
+        e_key = min(s, e + reach)
+        outs.append(_softmax_av(q_BKGLD[:, :, :, a:e], k_BKSD[:, :, :e_key], v_BKSD[:, :, :e_key],
+                                mask_BLS[:, a:e, :e_key], dropout,
+                                "bkgqd,bksd->bkgqs", "bkgqs,bksd->bkgqd"))
+    out_BKGLD = jnp.concatenate(outs, axis=3)
     return jnp.transpose(out_BKGLD, (0, 3, 1, 2, 4)).reshape(b, l, n_head, head_dim).astype(
         q_BLHD.dtype)
 
