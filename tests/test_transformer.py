@@ -398,33 +398,6 @@ def test_float32_residual_stream(setup):
     assert errors[True] < errors[False], errors
 
 
-def test_chunked_cross_entropy_equals_full_logits(setup):
-    """Chunked head + CE (chunks that do not divide L) = CE of the full logits; same gradients
-    with respect to the params, through the hidden states too."""
-    _, params, layout, model, _ = setup
-    args = _nested_args(layout)
-    targets = _tokens(2, 31, seed=7)
-    weights = np.ones((2, 31), np.float32)
-    weights[:, ::5] = 0.0
-    targets_masked = np.where(weights > 0, targets, -1)  # ignored targets may be out of range
-
-    def full(p):
-        logits, _ = model.apply({"params": p}, *args)
-        return optax_ce(logits, targets) * weights, jnp.argmax(logits, -1) == targets
-
-    def chunked(p):
-        hidden, _ = model.apply({"params": p}, *args, return_hidden=True)
-        return T.chunked_cross_entropy(model, p, hidden, targets_masked, weights, chunk=8)
-
-    (ce_ref, ok_ref), (ce, ok) = jax.jit(full)(params), jax.jit(chunked)(params)
-    assert ce.shape == (2, 31) and ce.dtype == jnp.float32 and ok.dtype == jnp.bool_
-    np.testing.assert_allclose(ce, ce_ref, atol=1e-5)
-    np.testing.assert_array_equal(ok, np.asarray(ok_ref) & (weights > 0))
-    total = lambda f: lambda p: jnp.sum(f(p)[0])
-    g_ref, g = jax.jit(jax.grad(total(full)))(params), jax.jit(jax.grad(total(chunked)))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
-
-
 def test_fused_weighted_cross_entropy_equals_full_logits(setup):
     """The fused head + CE (gradients computed in the forward pass, chunks that do not divide
     L) gives the full logits' weighted CE sum and its gradients with respect to the params,

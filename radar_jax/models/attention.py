@@ -32,10 +32,10 @@ own block, and a block holds each of the H*W grid positions at most once, so no 
 key block_size or more positions after itself (tests/test_attention.py checks this on real
 layouts). A mask that shows keys beyond that reach needs `attention_chunk=0`.
 The default, 320 rows, was the fastest of 128-768 for a GPT-B training step on euclidean-13
-(L = 1629, batch 2, float32) on this project's 2-core CPU: 23.2 s against 26.8 s for 128-row
-chunks and 29.4 s for the earlier core (row-major slices per chunk, a select mask, the max in
-the gradient) at 128 rows, in one session (the README's training benchmark has the
-side-by-side figures).
+(L = 1629, batch 2, float32) on this project's 2-core CPU, three steps each in one session:
+22.8-23.5 s, against 26.8-28.3 s with 128-row chunks and 29.4-30.9 s for the earlier core
+(a transposed key prefix copied per chunk, a select mask, the max in the gradient) at 128
+rows. The README's training benchmark has the side-by-side figures.
 """
 
 from __future__ import annotations

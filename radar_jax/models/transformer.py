@@ -25,10 +25,9 @@ position, and arbitrary boolean attention masks instead of LlamaGen's causal one
 
 Memory: `remat_policy` rematerialises each block in the backward pass ('full' saves nothing,
 'minimal' saves the weight matmuls' outputs and recomputes attention, 'dots_saveable' saves
-every matmul); `chunked_cross_entropy` computes the head and the loss over chunks of the
-sequence so the (B, L, V) float32 logits are never live at once, and `weighted_cross_entropy`
-(what training uses) does the same with the head's gradient computed chunk by chunk in the
-forward pass, so the backward pass need not recompute the logits.
+every matmul); `weighted_cross_entropy` computes the head and the loss over chunks of the
+sequence so the (B, L, V) float32 logits are never live at once, with the head's gradient
+computed chunk by chunk in the forward pass, so the backward pass need not recompute them.
 
 Logical axis names on parameters (map them to mesh axes in `radar_jax.sharding`):
   tok_embeddings ('vocab', 'embed'); cls_embedding ('classes', 'embed') -- its own name because
@@ -57,7 +56,7 @@ from radar_jax.models.transformer_config import (REMAT_POLICIES, ffn_hidden_dim,
 
 __all__ = ["model_config", "validate_config", "ffn_hidden_dim", "rope_2d", "apply_rope",
            "Transformer", "init_cache", "init_params", "param_logical_axes", "count_params",
-           "chunked_cross_entropy", "weighted_cross_entropy", "stack_layer_params",
+           "weighted_cross_entropy", "stack_layer_params",
            "unstack_layer_params",
            "REMAT_POLICIES", "remat_policy"]
 
@@ -248,7 +247,7 @@ class Transformer(nn.Module):
             slots [cache_index, cache_index + L). Not with scan_layers.
           cache_index: int32 scalar (may be traced) when a cache is given.
           return_hidden: return the last block's output (B, L, dim) in the residual dtype
-            instead of the logits (for `chunked_cross_entropy`).
+            instead of the logits (for `weighted_cross_entropy`).
         Returns: (logits (B, L, vocab_size) float32 or the hidden, updated cache or None).
         """
         cfg = self.config
@@ -322,52 +321,6 @@ class _LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Memory-lean loss: the head and cross-entropy over chunks of the sequence
 # ----------------------------------------------------------------------------------------------
-def chunked_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, weights_BL=None,
-                          *, chunk: int = 256):
-    """Per-token cross-entropy of the output head, never holding (B, L, V) logits at once.
-
-    Splits L into ceil(L / chunk) near-equal chunks; each chunk runs the final norm, the head,
-    log-softmax and the CE inside `jax.checkpoint` under `lax.map`, so the forward keeps only
-    one chunk's logits and the backward recomputes them chunk by chunk.
-
-    Args:
-      model: the Transformer (its config gives dtypes).
-      params: its params (unboxed), as passed to `model.apply`.
-      hidden_BLD: (B, L, dim) from `model.apply(..., return_hidden=True)`.
-      targets_BL: (B, L) int target codes; values outside [0, vocab) are allowed where the
-        weight is 0 (they are clipped before the gather).
-      weights_BL: optional (B, L); where it is 0 the CE is 0 and `correct` is False.
-      chunk: the most sequence positions per chunk.
-    Returns:
-      ce_BL (B, L) float32 = logsumexp(logits) - logits[target], and correct_BL (B, L) bool =
-      argmax(logits) == target.
-    """
-    b, l, d = hidden_BLD.shape
-    n_chunks = max(1, -(-l // max(1, int(chunk))))
-    size = -(-l // n_chunks)  # near-equal chunks: pad at most n_chunks - 1 positions
-    pad = n_chunks * size - l
-    vocab = model.config.vocab_size
-    targets_BL = jnp.clip(jnp.asarray(targets_BL, jnp.int32), 0, vocab - 1)
-    h_NBCD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0))).reshape(
-        b, n_chunks, size, d).swapaxes(0, 1)
-    t_NBC = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(b, n_chunks, size).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one_chunk(h_BCD, t_BC):
-        logits_BCV = model.apply({"params": params}, h_BCD, method="logits_from_hidden")
-        logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        return logz_BC - picked_BC, jnp.argmax(logits_BCV, axis=-1) == t_BC
-
-    ce_NBC, correct_NBC = jax.lax.map(lambda x: one_chunk(*x), (h_NBCD, t_NBC))
-    ce_BL = ce_NBC.swapaxes(0, 1).reshape(b, -1)[:, :l]
-    correct_BL = correct_NBC.swapaxes(0, 1).reshape(b, -1)[:, :l]
-    if weights_BL is not None:
-        on_BL = jnp.asarray(weights_BL) != 0
-        ce_BL, correct_BL = jnp.where(on_BL, ce_BL, 0.0), correct_BL & on_BL
-    return ce_BL, correct_BL
-
-
 def _chunks(hidden_BLD, targets_BL, weights_BL, chunk: int, vocab: int):
     """(B, L, ...) -> (N, B, C, ...) near-equal sequence chunks (zero padded at the end)."""
     b, l, d = hidden_BLD.shape
@@ -400,14 +353,23 @@ def weighted_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, w
     states and the head (final norm and output kernel) is known as soon as its logits are: the
     forward pass computes the logits, their softmax and the two backward matmuls for one chunk
     at a time, keeps only (B, L, dim) and the head's gradients, and the backward pass scales
-    them by the incoming cotangent. Three head matmuls per step instead of the four of
-    `chunked_cross_entropy` (which recomputes the logits), and no (B, L, V) array is ever live.
+    them by the incoming cotangent. Three head matmuls per step instead of the four of a
+    rematerialised chunk loop (which recomputes the logits), and no (B, L, V) array is ever
+    live.
 
-    Args: as `chunked_cross_entropy`; weights_BL is required.
+    Args:
+      model: the Transformer (its config gives dtypes).
+      params: its params (unboxed), as passed to `model.apply`.
+      hidden_BLD: (B, L, dim) from `model.apply(..., return_hidden=True)`.
+      targets_BL: (B, L) int target codes; values outside [0, vocab) are allowed where the
+        weight is 0 (they are clipped before the gather).
+      weights_BL: (B, L) float; where it is 0 the CE is 0 and `correct` is False.
+      chunk: the most sequence positions per chunk (near-equal chunks).
     Returns:
-      total: float32 scalar sum(CE * weights), differentiable in params and hidden_BLD;
-      ce_BL, correct_BL: as `chunked_cross_entropy` (values only: no gradient flows through
-      them).
+      total: float32 scalar sum(CE * weights), differentiable in params, hidden_BLD and the
+        weights;
+      ce_BL (B, L) float32 = logsumexp(logits) - logits[target] and correct_BL (B, L) bool =
+        argmax(logits) == target (values only: no gradient flows through them).
     """
     # What logits_from_hidden reads (the final norm and the output kernel), plus the one param
     # setup() creates eagerly; the other submodules bind lazily, so their params stay out of
