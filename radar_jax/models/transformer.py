@@ -56,8 +56,7 @@ from radar_jax.models.transformer_config import (REMAT_POLICIES, ffn_hidden_dim,
 
 __all__ = ["model_config", "validate_config", "ffn_hidden_dim", "rope_2d", "apply_rope",
            "Transformer", "init_cache", "init_params", "param_logical_axes", "count_params",
-           "weighted_cross_entropy", "stack_layer_params",
-           "unstack_layer_params",
+           "weighted_cross_entropy", "stack_layer_params", "unstack_layer_params",
            "REMAT_POLICIES", "remat_policy"]
 
 Cache = dict[str, dict[str, jax.Array]]
@@ -321,20 +320,20 @@ class _LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Memory-lean loss: the head and cross-entropy over chunks of the sequence
 # ----------------------------------------------------------------------------------------------
-def _chunks(hidden_BLD, targets_BL, weights_BL, chunk: int, vocab: int):
-    """(B, L, ...) -> (N, B, C, ...) near-equal sequence chunks (zero padded at the end)."""
-    b, l, d = hidden_BLD.shape
+def _chunks(x, chunk: int):
+    """(B, L, ...) -> (N, B, C, ...): near-equal sequence chunks, zero padded at the end (at
+    most N - 1 positions)."""
+    b, l = x.shape[:2]
     n_chunks = max(1, -(-l // max(1, int(chunk))))
-    size = -(-l // n_chunks)  # near-equal chunks: pad at most n_chunks - 1 positions
-    pad = n_chunks * size - l
-    split = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
-        (b, n_chunks, size) + x.shape[2:]).swapaxes(0, 1)
-    targets_BL = jnp.clip(jnp.asarray(targets_BL, jnp.int32), 0, vocab - 1)
-    return split(hidden_BLD), split(targets_BL), split(jnp.asarray(weights_BL, jnp.float32))
+    size = -(-l // n_chunks)
+    x = jnp.pad(x, ((0, 0), (0, n_chunks * size - l)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape((b, n_chunks, size) + x.shape[2:]).swapaxes(0, 1)
 
 
 def _unchunk(x_NBC, length: int):
-    return x_NBC.swapaxes(0, 1).reshape(x_NBC.shape[1], -1)[:, :length]
+    """Inverse of `_chunks`: (N, B, C, ...) -> (B, length, ...)."""
+    x = x_NBC.swapaxes(0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
 
 
 def _chunk_ce(model, head_params, h_BCD, t_BC):
@@ -375,16 +374,15 @@ def weighted_cross_entropy(model: Transformer, params, hidden_BLD, targets_BL, w
     # setup() creates eagerly; the other submodules bind lazily, so their params stay out of
     # the chunk loop (and get no zero gradients).
     head = {k: params[k] for k in ("norm", "output", "prompt_embedding") if k in params}
-    total, ce_BL, correct_BL = _fused_ce(model, chunk, head, hidden_BLD,
-                                         jnp.asarray(targets_BL, jnp.int32),
+    targets_BL = jnp.clip(jnp.asarray(targets_BL, jnp.int32), 0, model.config.vocab_size - 1)
+    total, ce_BL, correct_BL = _fused_ce(model, chunk, head, hidden_BLD, targets_BL,
                                          jnp.asarray(weights_BL, jnp.float32))
     return total, jax.lax.stop_gradient(ce_BL), correct_BL
 
 
 def _fused_ce_forward(model, chunk, head, hidden_BLD, targets_BL, weights_BL):
     l = hidden_BLD.shape[1]
-    h_NBCD, t_NBC, w_NBC = _chunks(hidden_BLD, targets_BL, weights_BL, chunk,
-                                   model.config.vocab_size)
+    h_NBCD, t_NBC, w_NBC = (_chunks(x, chunk) for x in (hidden_BLD, targets_BL, weights_BL))
 
     def one_chunk(d_head, x):
         h_BCD, t_BC, w_BC = x
@@ -399,13 +397,10 @@ def _fused_ce_forward(model, chunk, head, hidden_BLD, targets_BL, weights_BL):
     d_head, (ce_NBC, correct_NBC, d_h_NBCD) = jax.lax.scan(one_chunk, zeros,
                                                           (h_NBCD, t_NBC, w_NBC))
     raw_ce_BL, correct_BL = _unchunk(ce_NBC, l), _unchunk(correct_NBC, l)
-    weights_BL = jnp.asarray(weights_BL, jnp.float32)
     ce_BL = jnp.where(weights_BL != 0, raw_ce_BL, 0.0)
-    d_hidden = jnp.moveaxis(d_h_NBCD, 0, 1).reshape(hidden_BLD.shape[0], -1,
-                                                    hidden_BLD.shape[2])[:, :l]
+    d_hidden = _unchunk(d_h_NBCD, l).astype(hidden_BLD.dtype)
     total = jnp.sum(ce_BL * weights_BL)
-    return (total, ce_BL, correct_BL), (d_head, d_hidden.astype(hidden_BLD.dtype), targets_BL,
-                                        raw_ce_BL)
+    return (total, ce_BL, correct_BL), (d_head, d_hidden, targets_BL, raw_ce_BL)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
