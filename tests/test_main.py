@@ -91,6 +91,7 @@ def test_tokenizer_only_configs_have_the_pipeline_shape():
         str(REPO / "configs/demo_vq.py")).tokenizer.to_dict()
 
 
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     config = config_io.load_config(str(REPO / "configs/demo.py"), **TINY_DEMO)
     workdir = str(tmp_path / "demo")
