@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import kill_at_batch
+from conftest import TINY_TOKENIZER, kill_at_batch
 
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_io
@@ -29,13 +29,11 @@ from radar_jax.models import transformer
 from radar_jax.models import vq as vq_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# 16px digits with one downsampling level keep the demo's 8x8 token grid at a fraction of the
-# compile time; one-layer generator; a 4-step post-training run with checkpoints every 2.
+# The end-to-end tests' tiny tokenizer (16px digits, the demo's 8x8 token grid); one-layer
+# generator; a 4-step post-training run with checkpoints every 2.
 OVERRIDES = {
-    "tokenizer.data.image_size": 16, "tokenizer.model.encoder_ch_mult": (1, 2),
-    "tokenizer.model.decoder_ch_mult": (1, 2), "tokenizer.num_steps": 1,
-    "tokenizer.ckpt_every": 1, "tokenizer.log_every": 1, "tokenizer.loss.disc_start": 10,
-    "tokenizer.loss.disc_ndf": 8, "tokenizer.loss.disc_layers": 1,
+    **TINY_TOKENIZER, "tokenizer.num_steps": 1, "tokenizer.ckpt_every": 1,
+    "tokenizer.log_every": 1, "tokenizer.loss.disc_start": 10,
     "model.n_layer": 1, "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
     "train.rds": False,
     "tpt.num_steps": 4, "tpt.batch_size": 8, "tpt.ckpt_every": 2, "tpt.log_every": 1,
