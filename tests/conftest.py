@@ -64,9 +64,10 @@ def kill_at_batch(monkeypatch, n, is_batch=lambda batch: True):
 
 
 def pytest_collection_modifyitems(items):
-    """Test files with a slow-marked test run first. Under pytest-xdist (`--dist loadfile`) a
-    worker takes the next file when it is free, so the long files start at once and the short
-    ones fill in around them, instead of one long file starting last and running alone."""
+    """Test files with a slow-marked test run first. Under pytest-xdist (`--dist loadfile
+    --no-loadscope-reorder`, pytest.ini) a worker takes the next file in this order when it is
+    free, so the long files start at once and the short ones fill in around them, instead of
+    one long file starting last and running alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: in-file order is kept
 

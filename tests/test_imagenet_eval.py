@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import TINY_TOKENIZER
 from conftest import shared_fixture
 from radar_jax import config_io
 from radar_jax import imagenet_eval
@@ -132,8 +133,9 @@ def _shapes_folder(root: pathlib.Path, per_class: int = 50, size: int = 32) -> p
 
 def _eval_flags(inception, folder):
     return {"eval.inception_path": str(inception), "eval.reference": str(folder),
-            "eval.num_samples": 64, "eval.shard_size": 8, "eval.batch_size": 8,
-            "eval.inception_batch_size": 32, "tokenizer.data.path": str(folder)}
+            "eval.num_samples": 32, "eval.shard_size": 8, "eval.batch_size": 8,
+            "eval.inception_batch_size": 32, "tokenizer.data.path": str(folder),
+            "tokenizer.data.image_size": 16}
 
 
 def _cli_eval(workdir, flags):
@@ -147,16 +149,19 @@ def _cli_eval(workdir, flags):
 def test_eval_end_to_end_with_kill_and_resume(tmp_path):
     from radar_jax.convert import inception as convert  # pylint: disable=C0415
     from radar_jax.metrics import inception as inception_lib  # pylint: disable=C0415
-    folder = _shapes_folder(tmp_path / "shapes", per_class=40)
+    # 32 reference images, one Inception batch (the random-weight Inception runs at ~5 images/s
+    # on 2 cores: the reference once, then the 32 samples in the straight run and in the rerun;
+    # the reference statistics are cached beside the folder).
+    folder = _shapes_folder(tmp_path / "shapes", per_class=8)
     inception = tmp_path / "inception.npz"
     np.savez(inception, **convert.to_state_dict(inception_lib.random_variables(0)))
-    # A tiny tokenizer and generator on the folder, trained in this process, stage by stage
-    # (no sample stage: the eval is what is tested).
-    flags = {"tokenizer.data.source": "imagefolder", "tokenizer.num_steps": 30,
-             "tokenizer.ckpt_every": 30, "tokenizer.log_every": 10,
-             "tokenizer.eval_batch_size": 80, "tokenizer.loss.disc_start": 1000,
-             "model.num_classes": 4, "train.num_steps": 30, "train.ckpt_every": 30,
-             "train.log_every": 10, "tpt.enabled": False,
+    # The tiny tokenizer (16px, the folder's images resized) and generator, two steps each,
+    # trained in this process stage by stage (no sample stage: the eval is what is tested).
+    flags = {**TINY_TOKENIZER, "tokenizer.data.source": "imagefolder", "tokenizer.num_steps": 2,
+             "tokenizer.ckpt_every": 2, "tokenizer.log_every": 1,
+             "tokenizer.eval_batch_size": 32, "tokenizer.loss.disc_start": 1000,
+             "model.num_classes": 4, "train.num_steps": 2, "train.ckpt_every": 2,
+             "train.log_every": 1, "tpt.enabled": False,
              **_eval_flags(inception, folder)}
     config = config_io.load_config(str(REPO / "configs/demo.py"), **flags)
     trained = tmp_path / "trained"
@@ -173,7 +178,7 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
     rows = json.loads((straight / "samples" / "eval" / "metrics.json").read_text())
     assert len(rows) == 1
     row = rows[0]
-    assert (row["cfg_scale"], row["num_steps"], row["num_samples"]) == (2.0, 7, 64)
+    assert (row["cfg_scale"], row["num_steps"], row["num_samples"]) == (2.0, 7, 32)
     for key in ("fid", "sfid", "inception_score", "precision", "recall", "images_per_s",
                 "seconds"):
         assert np.isfinite(row[key]), key
@@ -181,7 +186,8 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
 
     # Interrupted: SIGKILL once the first shard file is on disk, then the same command again.
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # with conftest's shared compilation cache
-    cli_flags = {k: v for k, v in flags.items() if k.startswith(("eval.", "tokenizer.data."))}
+    cli_flags = {k: v for k, v in flags.items()
+                 if k.startswith(("eval.", "tokenizer.data.", "tokenizer.model."))}
     setting_dir = resumed / "samples" / "eval" / "cfg2_steps7"
     proc = subprocess.Popen(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,17 +204,17 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the eval finished (or hung) before the kill"
     shards_at_kill = len(list(setting_dir.glob("shard-*.npz")))
-    assert 1 <= shards_at_kill < 8 and not (setting_dir / "samples.npz").exists()
+    assert 1 <= shards_at_kill < 4 and not (setting_dir / "samples.npz").exists()
     rerun = subprocess.run(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=900, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming at shard {shards_at_kill} of 8" in rerun.stderr
+    assert f"resuming at shard {shards_at_kill} of 4" in rerun.stderr
 
     with np.load(straight / "samples" / "eval" / "cfg2_steps7" / "samples.npz") as a, \
             np.load(setting_dir / "samples.npz") as b:
-        assert a["arr_0"].shape == (64, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+        assert a["arr_0"].shape == (32, 16, 16, 3) and a["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
-        np.testing.assert_array_equal(a["arr_1"], np.arange(64) % 4)
+        np.testing.assert_array_equal(a["arr_1"], np.arange(32) % 4)
     again = json.loads((resumed / "samples" / "eval" / "metrics.json").read_text())[0]
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert again[key] == pytest.approx(row[key], rel=1e-5), key
