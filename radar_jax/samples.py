@@ -188,23 +188,26 @@ def generate(params, model_config, schedule, labels, seed: int, options: SampleO
     every step, (K, B, H, W) int32 with -1 where nothing is generated yet. `fixed_codes`
     (N, H, W) int and `fixed_mask` (N, H, W) bool (both or neither) are `sampling.sample`'s,
     per image (editing). `model_config` is put on the schedule's grid when it differs.
+
+    Every batch runs the sampler that also returns the canvases (K x B x H x W int32, small
+    beside the KV cache; only the first batch's are kept): one compiled program serves the
+    GIF's batch, the other batches and every other call with the same options, where a
+    canvas-less variant would be a second compile of every scan body.
     """
     if tuple(model_config.grid) != schedule.grid:
         model_config = model_config_on_grid(model_config, schedule.grid)
     out, frames = [], None
     for i in range(0, len(labels), batch_size):
         rng = jax.random.fold_in(jax.random.key(seed), i)
-        first = canvases and i == 0
         fixed = {} if fixed_mask is None else dict(
             fixed_codes=np.asarray(fixed_codes)[i:i + batch_size],
             fixed_mask=np.asarray(fixed_mask)[i:i + batch_size])
-        result = sampling.sample(params, model_config, schedule,
-                                 jnp.asarray(labels[i:i + batch_size]), rng,
-                                 return_canvases=first, correction_band=correction_band,
-                                 **fixed, **dataclasses.asdict(options))
-        if first:
-            result, frames = result
-            frames = np.asarray(frames)
+        result, batch_frames = sampling.sample(
+            params, model_config, schedule, jnp.asarray(labels[i:i + batch_size]), rng,
+            return_canvases=True, correction_band=correction_band, **fixed,
+            **dataclasses.asdict(options))
+        if canvases and i == 0:
+            frames = np.asarray(batch_frames)
         out.append(np.asarray(result))
     codes = np.concatenate(out)
     return (codes, frames) if canvases else codes

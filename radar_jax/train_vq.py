@@ -159,6 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  dict(mesh.shape))
 
     resolutions = check_resolutions(config)
+    if not config.num_steps and config.init_from:
+        return _evaluate_init_from(config, workdir, mesh, writer, init_rng)
 
     # ---------------------------------------------------------------- data
     data_config = config.data
@@ -260,16 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluator = TokenizerEvaluator(config, model, mesh)
 
     def run_eval(step):
-        params = state.ema_params if config.ema_decay else state.params
-        metrics, grid = evaluator(params)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-        writer.write_images(step, {"recon": grid})
-        if jax.process_index() == 0:
-            reporting.save_png(fileio.path(workdir) / "reconstructions.png", grid, scale=4)
-            fileio.write_json(fileio.path(workdir) / "eval.json", dict(step=step, **metrics))
-        logging.info("Tokenizer eval at step %d: %s", step,
-                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return metrics
+        return _record_eval(evaluator, state.ema_params if config.ema_decay else state.params,
+                            step, writer, workdir)
 
     # ---------------------------------------------------------------- loop
     progress = reporting.Progress("tokenizer", config.num_steps, start, every=config.log_every)
@@ -305,6 +299,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A params-only copy for the generator stages, sampling and the notebook.
     ckpt_lib.export_params(workdir / "params",
                            state.ema_params if config.ema_decay else state.params)
+    writer.close()
+    return metrics
+
+
+def _record_eval(evaluator, params, step, writer, workdir) -> dict[str, float]:
+    """Runs the held-out eval on `params`; writes its scalars, eval.json and the grid."""
+    metrics, grid = evaluator(params)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.write_images(step, {"recon": grid})
+    if jax.process_index() == 0:
+        reporting.save_png(fileio.path(workdir) / "reconstructions.png", grid, scale=4)
+        fileio.write_json(fileio.path(workdir) / "eval.json", dict(step=step, **metrics))
+    logging.info("Tokenizer eval at step %d: %s", step,
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _evaluate_init_from(config, workdir, mesh, writer, rng) -> dict[str, float]:
+    """num_steps=0 with init_from (a ready LlamaGen VQ): the converted weights are evaluated
+    and exported as this run's params. No training state is built: no random init to compile
+    (the longest compile of a small tokenizer run on CPU), no optimizer or discriminator."""
+    model = vq_lib.VQModel(config.model)
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy)["params"], rng)
+    shardings = sharding.logical_to_shardings(abstract, mesh, sharding.rules_from_config(config))
+    params = _load_init(config, flax.linen.meta.unbox(abstract), shardings)
+    metrics = _record_eval(TokenizerEvaluator(config, model, mesh), params, 0, writer, workdir)
+    ckpt_lib.export_params(workdir / "params", params)
     writer.close()
     return metrics
 

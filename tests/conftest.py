@@ -17,7 +17,9 @@ FIXTURES_DIR = SHARED_DIR / "fixtures"
 
 # The demo pipeline at the smallest budget that runs every stage (tokenizer with and without the
 # discriminator, encode, generator, TPT, samples, digits eval), for the end-to-end tests. One
-# dict, so their subprocesses compile the same programs and share the compilation cache below.
+# dict, so their subprocesses compile the same programs and share the compilation cache below
+# (the learning-rate schedule is pinned to 4 steps, so a run resumed to 4 steps, as the gs://
+# test does, runs the same generator step).
 # 16px digits with one downsampling level keep the demo's 8x8 token grid; with a one-layer,
 # 8-channel discriminator the tokenizer programs compile in about half the time of the demo's
 # 32px ones (a whole cold tiny pipeline: 90 s against 119 s on 2 cores).
@@ -27,7 +29,7 @@ TINY_TOKENIZER = {"tokenizer.data.image_size": 16, "tokenizer.model.encoder_ch_m
 TINY_DEMO = {**TINY_TOKENIZER, "tokenizer.num_steps": 2, "tokenizer.loss.disc_start": 1,
              "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
              "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
-             "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
+             "train.decay_steps": 4, "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
              "sample.eval_per_class": 2, "tpt.num_steps": 2, "tpt.log_every": 1}
 
 

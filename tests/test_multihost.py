@@ -20,9 +20,10 @@ from radar_jax import checkpoint as ckpt_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Four steps (checkpoints at 2 and 4) and RDS on: each step's ladders are drawn for the global
-# batch, which both processes must agree on.
+# batch, which both processes must agree on. The learning-rate schedule is pinned to the 6
+# steps of the resumed run, so the one-process runs compile one generator step between them.
 FLAGS = ["--config=configs/demo.py",
-         *tiny_demo_flags(**{"train.num_steps": 4, "train.rds": True})]
+         *tiny_demo_flags(**{"train.num_steps": 4, "train.decay_steps": 6, "train.rds": True})]
 TIMEOUT = 900
 
 
