@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_TOKENIZER, kill_at_batch
+from conftest import TINY_DEMO, kill_at_batch
 
 from radar_jax import checkpoint as ckpt_lib
 from radar_jax import config_io
@@ -29,13 +29,11 @@ from radar_jax.models import transformer
 from radar_jax.models import vq as vq_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The end-to-end tests' tiny tokenizer (16px digits, the demo's 8x8 token grid); one-layer
-# generator; a 4-step post-training run with checkpoints every 2.
+# The end-to-end tests' tiny pipeline (conftest.TINY_DEMO: its tokenizer and generator stages
+# are the very programs those tests compile, so they come from the session's compilation cache)
+# and a 4-step post-training run with checkpoints every 2.
 OVERRIDES = {
-    **TINY_TOKENIZER, "tokenizer.num_steps": 1, "tokenizer.ckpt_every": 1,
-    "tokenizer.log_every": 1, "tokenizer.loss.disc_start": 10,
-    "model.n_layer": 1, "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
-    "train.rds": False,
+    **TINY_DEMO,
     "tpt.num_steps": 4, "tpt.batch_size": 8, "tpt.ckpt_every": 2, "tpt.log_every": 1,
     "tpt.disc_start": 2, "tpt.projector_hidden": 16, "tpt.dino_image_size": 28,
     "tpt.lr": 1e-3,
