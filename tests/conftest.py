@@ -29,8 +29,9 @@ TINY_TOKENIZER = {"tokenizer.data.image_size": 16, "tokenizer.model.encoder_ch_m
 TINY_DEMO = {**TINY_TOKENIZER, "tokenizer.num_steps": 2, "tokenizer.loss.disc_start": 1,
              "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
              "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
-             "train.decay_steps": 4, "train.rds": False, "sample.num_per_class": 1, "sample.batch_size": 10,
-             "sample.eval_per_class": 2, "tpt.num_steps": 2, "tpt.log_every": 1}
+             "train.decay_steps": 4, "train.rds": False, "sample.num_per_class": 1,
+             "sample.batch_size": 10, "sample.eval_per_class": 2, "tpt.num_steps": 2,
+             "tpt.log_every": 1}
 
 
 def tiny_demo_flags(**overrides) -> list[str]:
