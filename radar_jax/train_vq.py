@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except ckpt_lib.CheckpointMismatchError as e:
         raise config_io.ConfigError(str(e)) from None
     if resumed is None and config.init_from:
-        state = state.replace(params=_load_init(config, state.params, state_shardings.params))
+        state = state.replace(params=_load_init(config, state_shardings.params))
         if config.ema_decay:
             state = state.replace(ema_params=state.params)
     start = int(state.step)
@@ -325,14 +325,14 @@ def _evaluate_init_from(config, workdir, mesh, writer, rng) -> dict[str, float]:
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda r: model.init(r, dummy)["params"], rng)
     shardings = sharding.logical_to_shardings(abstract, mesh, sharding.rules_from_config(config))
-    params = _load_init(config, flax.linen.meta.unbox(abstract), shardings)
+    params = _load_init(config, shardings)
     metrics = _record_eval(TokenizerEvaluator(config, model, mesh), params, 0, writer, workdir)
     ckpt_lib.export_params(workdir / "params", params)
     writer.close()
     return metrics
 
 
-def _load_init(config, params_template, params_shardings):
+def _load_init(config, params_shardings):
     """Params from a converted LlamaGen checkpoint, checked against this run's model config."""
     from radar_jax import convert  # pylint: disable=g-import-not-at-top
     loaded_config, loaded = convert.load_llamagen_vq(config.init_from, config=config.model)

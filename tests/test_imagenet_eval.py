@@ -134,8 +134,7 @@ def _shapes_folder(root: pathlib.Path, per_class: int = 50, size: int = 32) -> p
 def _eval_flags(inception, folder):
     return {"eval.inception_path": str(inception), "eval.reference": str(folder),
             "eval.num_samples": 32, "eval.shard_size": 8, "eval.batch_size": 8,
-            "eval.inception_batch_size": 32, "tokenizer.data.path": str(folder),
-            "tokenizer.data.image_size": 16}
+            "eval.inception_batch_size": 32, "tokenizer.data.path": str(folder)}
 
 
 def _cli_eval(workdir, flags):
