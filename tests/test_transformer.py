@@ -432,7 +432,10 @@ def test_fused_weighted_cross_entropy_equals_full_logits(setup):
     on = weights > 0
     np.testing.assert_allclose(np.asarray(g[1])[on], optax_ce(
         model.apply({"params": params}, *args)[0], targets)[on], atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g[0], g_ref[0])
+    # Gradient leaves reach ~150 and sum many terms in another order: float32 agreement is
+    # relative to each leaf's scale (an Intel VM differed by 2e-5 at 141 where AMD did not).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-5, atol=max(1e-5, 1e-6 * float(np.abs(b).max()))), g[0], g_ref[0])
 
 
 def test_unavailable_switches_raise_clear_errors():
