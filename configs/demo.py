@@ -54,7 +54,12 @@ def get_config(arg=None):
         batch_size=32, num_steps=600, lr=1e-3, weight_decay=0.05, warmup_steps=50,
         decay="cosine", min_lr_ratio=0.1, rni_range=(0.0, 0.2), rds=True, log_every=50,
         ckpt_every=200)
-    config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0)
+    # Three groups of sampler steps (three compiled scan bodies, not the default plan's six):
+    # the demo's small grid is compile-bound. On 2 CPU cores, a setting sampled 6 times at
+    # batch 100 (first call with compile, then 5 calls) takes 15.1 s, against 17.8 s with six
+    # groups and 16.2 s with two (launch/bench_sampling.py --config configs/demo.py
+    # --batch_sizes 100 --runs 6 --correction_band all --max_groups 8,3,2).
+    config.sample = cd.sampling(num_per_class=10, batch_size=100, cfg_scale=2.0, max_groups=3)
     config.edit = cd.edit()  # --mode=edit (docs/editing.md)
     # --mode=eval on an image folder (the digits have their own table): ADM's metrics of a few
     # hundred samples; set --config.eval.inception_path and --config.eval.reference.

@@ -19,6 +19,10 @@ machine's CPU; many minutes):
       --dtype float32,bfloat16 --out /tmp/bench_sampling.jsonl
 Smoke run (about a minute; compiles dominate): python launch/bench_sampling.py --size tiny \
       --runs 1 --batch_sizes 1 --schedules crops-10,raster
+A config's own model and schedule (on its grid) instead of a size preset, with the plan capped
+at 8 (the default), 3 and 2 groups of steps (compiled scan bodies):
+  python launch/bench_sampling.py --config configs/demo.py --batch_sizes 100 --runs 6 \
+      --correction_band all --max_groups 8,3,2
 
 Each case prints one JSON line (and appends it to --out) with: the command, schedule,
 correction_band, batch, images_per_s,
@@ -39,9 +43,11 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from radar_jax import perf, sampling, schedules
+from radar_jax import config_defaults as cd
+from radar_jax import config_io, perf, sampling, sampling_plan, schedules
 from radar_jax.models import transformer
 
 # name -> (kind, kwargs) of the benchmarked schedules on a 16x16 grid.
@@ -95,6 +101,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="B", choices=["tiny", "B", "L", "XL"],
                         help="transformer.model_config size, on a 16x16 grid")
+    parser.add_argument("--config", default=None,
+                        help="a config file: its model and its schedule (on the model's grid) "
+                        "replace --size and --schedules")
+    parser.add_argument("--max_groups", default=str(sampling_plan.DEFAULT_MAX_GROUPS),
+                        help="comma-separated caps on the plan's groups of steps (each one "
+                        "compiled scan body)")
     parser.add_argument("--batch_sizes", default=None,
                         help="comma-separated batch sizes; default 1,8 on CPU, 1,8,64 elsewhere")
     parser.add_argument("--schedules", default="euclidean-13,crops-10,raster",
@@ -122,6 +134,12 @@ def parse_args(argv=None):
         args.band_list = _parse_bands(args.bands)
     except ValueError as err:
         parser.error(str(err))
+    try:
+        args.max_groups_list = [int(g) for g in args.max_groups.split(",")]
+    except ValueError:
+        parser.error(f"--max_groups={args.max_groups!r}: use comma-separated ints >= 1")
+    if min(args.max_groups_list) < 1:
+        parser.error(f"--max_groups={args.max_groups!r}: use comma-separated ints >= 1")
     args.dtype_list = args.dtype.split(",")
     bad = set(args.dtype_list) - set(DTYPES)
     if bad:
@@ -138,19 +156,18 @@ def random_params(config, seed: int = 0):
     return jax.device_put(params)
 
 
-def run_case(params, config, name: str, band: int | None, batch: int, args,
-             command: str) -> dict:
-    """Times one (schedule, band, batch) case with `config`'s dtype; returns its row."""
-    kind, kw = SCHEDULES[name]
-    schedule = schedules.make_schedule(kind, config.grid, **kw)
-    plan = sampling.plan_for_config(schedule, config, band)
+def run_case(params, config, name: str, schedule, band: int | None, batch: int,
+             max_groups: int, args, command: str) -> dict:
+    """Times one (schedule, band, batch, max_groups) case with `config`'s dtype; returns its
+    row."""
+    plan = sampling.plan_for_config(schedule, config, band, max_groups)
     labels = np.arange(batch) % config.num_classes
 
     def call(seed):
         return sampling.sample(params, config, schedule, labels,
                                jax.random.key(seed, impl=args.prng),
                                cfg_scale=args.cfg_scale, top_k=args.top_k,
-                               correction_band=band)
+                               correction_band=band, max_groups=max_groups)
 
     load_before = os.getloadavg()[0]
     with compile_events() as compile_s:
@@ -167,7 +184,7 @@ def run_case(params, config, name: str, band: int | None, batch: int, args,
         # Raster has no band (null): next-token AR feeds every token once.
         command=command, schedule=name,
         correction_band=None if schedule.is_next_token else _band_name(plan.correction_band),
-        batch=batch, size=args.size, dtype=str(config.dtype), cfg_scale=args.cfg_scale,
+        batch=batch, size=args.config or args.size, dtype=str(config.dtype), cfg_scale=args.cfg_scale,
         top_k=args.top_k, prng=args.prng,
         images_per_s=round(batch / median_s, 4), ms_per_image=round(1e3 * median_s / batch, 1),
         median_s=round(median_s, 3), run_s=[round(t, 3) for t in run_s],
@@ -175,7 +192,8 @@ def run_case(params, config, name: str, band: int | None, batch: int, args,
         forward_passes=plan.num_forward_passes,
         token_forwards_useful=plan.useful_token_forwards,
         token_forwards_padded=plan.padded_token_forwards,
-        padding_waste=round(plan.padding_waste, 4), groups=plan.group_sizes,
+        padding_waste=round(plan.padding_waste, 4), max_groups=max_groups,
+        groups=plan.group_sizes,
         cfg_batch_factor=2 if args.cfg_scale != 1.0 else 1,
         device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
         # Other processes on a shared machine slow every case; the 1-minute load average
@@ -186,7 +204,8 @@ def run_case(params, config, name: str, band: int | None, batch: int, args,
 
 def print_table(rows) -> None:
     header = (f"{'schedule':<14}{'band':>5}{'dtype':>10}{'batch':>6}{'img/s':>10}{'ms/img':>10}"
-              f"{'compile s':>11}{'fwd':>6}{'tok useful':>12}{'tok pad':>9}{'vs raster':>11}")
+              f"{'compile s':>11}{'groups':>7}{'fwd':>6}{'tok useful':>12}{'tok pad':>9}"
+              f"{'vs raster':>11}")
     print(header)
     print("-" * len(header))
     raster = {(r["dtype"], r["batch"]): r["images_per_s"] for r in rows
@@ -197,37 +216,59 @@ def print_table(rows) -> None:
         band = "-" if r["schedule"] == "raster" else r["correction_band"]
         print(f"{r['schedule']:<14}{band:>5}{r['dtype']:>10}{r['batch']:>6}"
               f"{r['images_per_s']:>10.3f}{r['ms_per_image']:>10.0f}{r['compile_s']:>11.1f}"
-              f"{r['forward_passes']:>6}{r['token_forwards_useful']:>12}"
+              f"{len(r['groups']):>7}{r['forward_passes']:>6}{r['token_forwards_useful']:>12}"
               f"{r['token_forwards_padded']:>9}{ratio:>11}")
+
+
+def _model_and_schedules(args):
+    """(label, dtype -> model config, {case name: schedule}) of --config, else of --size and
+    --schedules on the 16x16 grid."""
+    if args.config:
+        loaded = config_io.load_config(args.config)
+        schedule = cd.schedule_from_config(loaded.schedule, tuple(loaded.model.grid))
+
+        def config_model(dtype):
+            return ml_collections.ConfigDict({**loaded.model.to_dict(), "dtype": dtype})
+        grid = "x".join(map(str, schedule.grid))
+        return args.config, config_model, {f"{schedule.kind}-{grid}": schedule}
+    overrides = (dict(block_size=256) if args.size == "tiny"
+                 else dict(vocab_size=16384, num_classes=1000))
+
+    def size_model(dtype):
+        return transformer.model_config(args.size, dtype=dtype, **overrides)
+    return f"GPT-{args.size}", size_model, {
+        name: schedules.make_schedule(SCHEDULES[name][0], (16, 16), **SCHEDULES[name][1])
+        for name in args.schedules.split(",")}
 
 
 def run(args, command: str) -> list[dict]:
     """Runs every case of `args` (from parse_args), printing each row as it finishes.
 
-    Order: dtype, then batch size, then schedule, then band (raster once: it ignores the band).
+    Order: dtype, batch size, schedule, band (raster once: it ignores the band), max_groups.
     Returns the rows (dicts, as printed).
     """
     on_cpu = jax.default_backend() == "cpu"
     batches = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                else ([1, 8] if on_cpu else [1, 8, 64]))
-    overrides = (dict(block_size=256) if args.size == "tiny"
-                 else dict(vocab_size=16384, num_classes=1000))
+    label, model_of, cases = _model_and_schedules(args)
     # Parameters are float32 whatever the compute dtype (the sampler casts them once), so one
     # draw serves every dtype and the dtypes compare the same weights.
-    params = random_params(transformer.model_config(args.size, **overrides))
+    params = random_params(model_of("float32"))
     rows = []
     for dtype in args.dtype_list:
-        config = transformer.model_config(args.size, dtype=dtype, **overrides)
-        print(f"# GPT-{args.size}: {transformer.count_params(config)['total'] / 1e6:.1f}M "
+        config = model_of(dtype)
+        print(f"# {label}: {transformer.count_params(config)['total'] / 1e6:.1f}M "
               f"params, {dtype}, CFG {args.cfg_scale}, top_k {args.top_k}, prng {args.prng}, "
               f"device {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
         for batch in batches:
-            for name in args.schedules.split(","):
-                bands = [None] if SCHEDULES[name][0] == "raster" else args.band_list
+            for name, schedule in cases.items():
+                bands = [None] if schedule.is_next_token else args.band_list
                 for band in bands:
-                    row = run_case(params, config, name, band, batch, args, command)
-                    rows.append(row)
-                    perf.emit_row(row, args.out)
+                    for max_groups in args.max_groups_list:
+                        row = run_case(params, config, name, schedule, band, batch, max_groups,
+                                       args, command)
+                        rows.append(row)
+                        perf.emit_row(row, args.out)
     return rows
 
 

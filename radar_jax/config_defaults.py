@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from radar_jax import sampling_plan
+
 
 def data(source: str = "digits", image_size: int = 32, **overrides) -> ml_collections.ConfigDict:
     """The image dataset (see radar_jax/data.py)."""
@@ -240,6 +242,9 @@ def sampling(**overrides) -> ml_collections.ConfigDict:
     c.top_k = 0                # 0 = off; 1 = greedy
     c.top_p = 1.0              # nucleus sampling threshold; 1 = off
     c.correct = True           # re-predict (correct) the known area at every step
+    c.max_groups = sampling_plan.DEFAULT_MAX_GROUPS  # at most this many groups of steps, each
+                               # a compiled scan body: fewer compile faster and pad more (1-2
+                               # suit small grids sampled on CPU; radar_jax/sampling_plan.py)
     c.seed = 0
     c.eval_per_class = 50      # digits evaluation: samples per class for accuracy / Frechet
     c.update(overrides)

@@ -33,6 +33,7 @@ from radar_jax import config_defaults as cd
 from radar_jax import config_io
 from radar_jax import reporting
 from radar_jax import sampling
+from radar_jax import sampling_plan
 from radar_jax import schedules
 from radar_jax import workdir as workdir_lib
 from radar_jax.models import vq as vq_lib
@@ -47,7 +48,8 @@ class SampleOptions:
 
     cfg_scale: classifier-free guidance scale (1 = off); cfg_schedule: 'constant' | 'linear';
     temperature > 0; top_k >= 0 (0 = off, 1 = greedy); 0 < top_p <= 1 (1 = off); correct:
-    re-predict the known area at every step.
+    re-predict the known area at every step; max_groups >= 1: at most this many compiled scan
+    bodies (`sampling.sample`).
     """
     cfg_scale: float = 1.0
     cfg_schedule: str = "constant"
@@ -55,6 +57,7 @@ class SampleOptions:
     top_k: int = 0
     top_p: float = 1.0
     correct: bool = True
+    max_groups: int = sampling_plan.DEFAULT_MAX_GROUPS
 
     def __post_init__(self):
         checks = (
@@ -65,6 +68,8 @@ class SampleOptions:
             ("top_k", int(self.top_k) == self.top_k and self.top_k >= 0,
              "use an int >= 0 (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "use 0 < top_p <= 1 (1 = off)"),
+            ("max_groups", int(self.max_groups) == self.max_groups and self.max_groups >= 1,
+             "use an int >= 1 (fewer compiles faster, pads more)"),
         )
         for name, ok, fix in checks:
             if not ok:

@@ -48,7 +48,8 @@ import numpy as np
 
 from radar_jax import schedules
 from radar_jax.models import transformer
-from radar_jax.sampling_plan import SamplingPlan, sampling_plan, slot_cost_for_dim
+from radar_jax.sampling_plan import DEFAULT_MAX_GROUPS, SamplingPlan, sampling_plan
+from radar_jax.sampling_plan import slot_cost_for_dim
 
 __all__ = ["sample", "sampling_plan", "plan_for_config", "filter_logits", "cfg_scales",
            "SamplerState", "SamplingPlan"]
@@ -74,11 +75,13 @@ class SamplerState:
 
 
 def plan_for_config(schedule: schedules.RingSchedule, model_config,
-                    correction_band: int | None = None) -> SamplingPlan:
+                    correction_band: int | None = None,
+                    max_groups: int = DEFAULT_MAX_GROUPS) -> SamplingPlan:
     """The plan that `sample` uses for this schedule, band and model (slot cost from the
-    width). correction_band: None (whole known area) or an int >= 1."""
+    width). correction_band: None (whole known area) or an int >= 1; max_groups: at most
+    this many scan bodies (see `sample`)."""
     return sampling_plan(schedule, model_config.cls_token_num, correction_band=correction_band,
-                         slot_cost=slot_cost_for_dim(model_config.dim))
+                         slot_cost=slot_cost_for_dim(model_config.dim), max_groups=max_groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,12 +163,12 @@ def _grow_cache(cache, length: int):
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "schedule", "correction_band", "use_cfg", "cfg_schedule", "top_k", "use_top_p",
-    "correct", "return_canvases"))
+    "correct", "return_canvases", "max_groups"))
 def _sample_jit(params, labels_B, rng, cfg_scale, temperature, top_p, fixed_codes_BN,
                 fixed_mask_BN, *, config, schedule, correction_band, use_cfg, cfg_schedule, top_k,
-                use_top_p, correct, return_canvases):
+                use_top_p, correct, return_canvases, max_groups):
     """Traced body of `sample` (arguments already validated; see `sample`)."""
-    plan = plan_for_config(schedule, config, correction_band)
+    plan = plan_for_config(schedule, config, correction_band, max_groups)
     model = transformer.Transformer(config)
     compute_dtype = jnp.dtype(config.dtype)
     if compute_dtype != jnp.float32:
@@ -300,7 +303,7 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
            cfg_scale: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, correct: bool = True,
            return_canvases: bool = False, fixed_codes=None, fixed_mask=None,
-           correction_band: int | None = None):
+           correction_band: int | None = None, max_groups: int = DEFAULT_MAX_GROUPS):
     """Generates token maps with the KV-cached ring sampler (or LlamaGen's, for 'raster').
 
     Args:
@@ -325,6 +328,12 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
         an int b >= 1 (re-feed only rings k-b..k-1; older rings keep their tokens and stay
         visible through the KV cache). Use the band the model was trained with. Ignored by
         'raster'; b >= K-1 equals None (and shares its compiled sampler).
+      max_groups: at most this many groups of steps, each one `lax.scan` body to trace and
+        compile (`sampling_plan`). The default lets the plan keep padding low, which pays when
+        many images are sampled; small grids and few images (the digits demo on CPU) are
+        compile-bound, where 1-2 groups are faster end to end. The samples are the same
+        greedy tokens whatever the grouping; random draws differ (the padded block shape
+        changes the draw).
 
     Returns:
       codes (B, H, W) int32; with return_canvases also canvases (K, B, H, W) int32, the canvas
@@ -349,5 +358,6 @@ def sample(params, model_config, schedule: schedules.RingSchedule, labels, rng, 
         jnp.float32(top_p), fixed_codes_BN, fixed_mask_BN, config=config, schedule=schedule,
         correction_band=band, use_cfg=cfg_scale != 1.0, cfg_schedule=cfg_schedule,
         top_k=0 if int(top_k) == config.vocab_size else int(top_k), use_top_p=top_p < 1.0,
-        correct=bool(correct) or schedule.is_next_token, return_canvases=bool(return_canvases))
+        correct=bool(correct) or schedule.is_next_token, return_canvases=bool(return_canvases),
+        max_groups=int(max_groups))
     return (codes, canvases) if return_canvases else codes

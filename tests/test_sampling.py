@@ -114,24 +114,29 @@ def _fixed_center(grid, batch, vocab, seed=5):
     return codes, mask
 
 
-# (schedule kind, cfg_scale, linear cfg, correct, fixed region, correction band, grid). Few
-# cases: each ring case is a compile of the sampler (several scan bodies); raster compiles are
-# cheap. The band cases cover each b in {1, 2, None} on euclidean, crops and the 6x9 grid, each
-# b with CFG on and off and with correct=False somewhere, in 7 compiles instead of 36.
+# (schedule kind, cfg_scale, linear cfg, correct, fixed region, correction band, grid, max
+# groups). Few cases: each ring case is a compile of the sampler (one scan body per group of
+# steps); raster compiles are cheap. The band cases cover each b in {1, 2, None} on euclidean,
+# crops and the 6x9 grid, each b with CFG on and off and with correct=False somewhere, in 7
+# compiles instead of 36. Three cases keep the default plan (6-8 groups, the cache grown
+# between them); the others cap it at 2 groups (half the compile time, more padding) or 1 (one
+# scan over every step, no growth): the cached sampler must equal the reference whatever the
+# grouping.
+D = sampling_plan.DEFAULT_MAX_GROUPS
 CASES = {
-    "euclidean": ("euclidean", 1.0, False, True, False, None, None),
-    "euclidean-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, None, None),
-    "crops-cfg-fixed": ("crops", 3.0, False, True, True, None, None),
-    "crops-nocorrect": ("crops", 1.0, False, False, False, None, None),
-    "raster": ("raster", 1.0, False, True, False, None, None),
-    "raster-cfg": ("raster", 2.5, False, True, False, None, None),
-    "euclidean-b1": ("euclidean", 1.0, False, True, False, 1, None),
-    "euclidean-b2-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, 2, None),
-    "crops-b1-cfg-fixed": ("crops", 3.0, False, True, True, 1, None),
-    "crops-b2-nocorrect": ("crops", 1.0, False, False, False, 2, None),
-    "euclidean6x9-cfg": ("euclidean", 2.0, False, True, False, None, GRID_6X9),
-    "euclidean6x9-b1-cfg-nocorrect": ("euclidean", 2.0, False, False, False, 1, GRID_6X9),
-    "euclidean6x9-b2": ("euclidean", 1.0, False, True, False, 2, GRID_6X9),
+    "euclidean": ("euclidean", 1.0, False, True, False, None, None, D),
+    "euclidean-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, None, None, 2),
+    "crops-cfg-fixed": ("crops", 3.0, False, True, True, None, None, D),
+    "crops-nocorrect": ("crops", 1.0, False, False, False, None, None, 1),
+    "raster": ("raster", 1.0, False, True, False, None, None, D),
+    "raster-cfg": ("raster", 2.5, False, True, False, None, None, D),
+    "euclidean-b1": ("euclidean", 1.0, False, True, False, 1, None, 2),
+    "euclidean-b2-cfg-linear-nocorrect": ("euclidean", 2.0, True, False, False, 2, None, 2),
+    "crops-b1-cfg-fixed": ("crops", 3.0, False, True, True, 1, None, 2),
+    "crops-b2-nocorrect": ("crops", 1.0, False, False, False, 2, None, 1),
+    "euclidean6x9-cfg": ("euclidean", 2.0, False, True, False, None, GRID_6X9, D),
+    "euclidean6x9-b1-cfg-nocorrect": ("euclidean", 2.0, False, False, False, 1, GRID_6X9, 2),
+    "euclidean6x9-b2": ("euclidean", 1.0, False, True, False, 2, GRID_6X9, 2),
 }
 
 
@@ -139,7 +144,7 @@ CASES = {
 def greedy_runs(tiny, full_forward, tiny_6x9):
     """For each case: (schedule, sampler codes, sampler canvases, reference codes/canvases)."""
     runs = {}
-    for name, (kind, cfg_scale, linear, correct, fixed, band, grid) in CASES.items():
+    for name, (kind, cfg_scale, linear, correct, fixed, band, grid, max_groups) in CASES.items():
         config, params = tiny
         forward = full_forward
         if grid is not None:
@@ -151,11 +156,13 @@ def greedy_runs(tiny, full_forward, tiny_6x9):
             params, config, schedule, LABELS, jax.random.key(0), cfg_scale=cfg_scale,
             cfg_schedule="linear" if linear else "constant", top_k=1, correct=correct,
             return_canvases=True, fixed_codes=fixed_codes, fixed_mask=fixed_mask,
-            correction_band=band)
+            correction_band=band, max_groups=max_groups)
         ref_codes, ref_canvases = reference_greedy(
             forward, config, schedule, LABELS, cfg_scale, linear, correct, fixed_codes,
             fixed_mask, band)
-        runs[name] = dict(schedule=schedule, band=band, codes=np.asarray(codes),
+        plan = sampling.plan_for_config(schedule, config, band, max_groups)
+        runs[name] = dict(schedule=schedule, band=band, groups=len(plan.groups),
+                          codes=np.asarray(codes),
                           canvases=np.asarray(canvases), ref_codes=ref_codes,
                           ref_canvases=ref_canvases, fixed=(fixed_codes, fixed_mask))
     return runs
@@ -174,6 +181,11 @@ def test_cached_sampler_equals_uncached_reference(greedy_runs, case):
     # A random model with a live head must not collapse onto one token (that would make the
     # equality above vacuous).
     assert len(np.unique(run["codes"])) >= 16
+    # The grouping is the one the case names: capped, or the default plan's several groups
+    # (raster's one-token blocks are one group).
+    kind, cap = CASES[case][0], CASES[case][-1]
+    if kind != "raster":
+        assert run["groups"] == cap if cap < D else run["groups"] > 2, run["groups"]
 
 
 def test_band_cases_are_distinct_from_the_full_known_area(greedy_runs):
@@ -405,6 +417,7 @@ def test_group_steps_dynamic_program_hand_case():
     ({"fixed_codes": np.zeros((1, 8, 8), np.int32)}, [1], ["fixed_mask"]),
     ({"correction_band": 0}, [1], ["correction_band=0", "int >= 1", "None"]),
     ({"correction_band": "all"}, [1], ["correction_band='all'"]),
+    ({"max_groups": 0}, [1], ["max_groups=0", ">= 1"]),
 ])
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, labels, words):
     config, params = tiny
@@ -413,6 +426,13 @@ def test_bad_arguments_raise_clear_errors(tiny, kwargs, labels, words):
         sampling.sample(params, config, schedule, np.array(labels), jax.random.key(0), **kwargs)
     for word in words:
         assert word in str(err.value)
+
+
+def test_sample_options_name_the_config_field():
+    from radar_jax import samples  # pylint: disable=import-outside-toplevel
+    with pytest.raises(ValueError, match=r"config.sample.max_groups=0: use an int >= 1"):
+        samples.SampleOptions(max_groups=0)
+    assert samples.SampleOptions().max_groups == sampling_plan.DEFAULT_MAX_GROUPS
 
 
 def test_schedule_on_another_grid_is_rejected(tiny):

