@@ -22,7 +22,9 @@ FIXTURES_DIR = SHARED_DIR / "fixtures"
 # test does, runs the same generator step).
 # 16px digits with one downsampling level keep the demo's 8x8 token grid; with a one-layer,
 # 8-channel discriminator the tokenizer programs compile in about half the time of the demo's
-# 32px ones (a whole cold tiny pipeline: 90 s against 119 s on 2 cores).
+# 32px ones (a whole cold tiny pipeline: 90 s against 119 s on 2 cores). A handful of images
+# per sampler setting: one group of steps (one scan body) compiles in a third of the time of
+# the demo's three (test_sampling checks every grouping against the uncached reference).
 TINY_TOKENIZER = {"tokenizer.data.image_size": 16, "tokenizer.model.encoder_ch_mult": (1, 2),
                   "tokenizer.model.decoder_ch_mult": (1, 2), "tokenizer.loss.disc_ndf": 8,
                   "tokenizer.loss.disc_layers": 1}
@@ -30,8 +32,8 @@ TINY_DEMO = {**TINY_TOKENIZER, "tokenizer.num_steps": 2, "tokenizer.loss.disc_st
              "tokenizer.log_every": 1, "tokenizer.ckpt_every": 2,
              "train.num_steps": 2, "train.log_every": 1, "train.ckpt_every": 2,
              "train.decay_steps": 4, "train.rds": False, "sample.num_per_class": 1,
-             "sample.batch_size": 10, "sample.eval_per_class": 2, "tpt.num_steps": 2,
-             "tpt.log_every": 1}
+             "sample.batch_size": 10, "sample.eval_per_class": 2, "sample.max_groups": 1,
+             "tpt.num_steps": 2, "tpt.log_every": 1}
 
 
 def tiny_demo_flags(**overrides) -> list[str]:
