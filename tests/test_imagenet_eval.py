@@ -155,13 +155,14 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
     inception = tmp_path / "inception.npz"
     np.savez(inception, **convert.to_state_dict(inception_lib.random_variables(0)))
     # The tiny tokenizer (16px, the folder's images resized) and generator, two steps each,
-    # trained in this process stage by stage (no sample stage: the eval is what is tested).
+    # trained in this process stage by stage (no sample stage: the eval is what is tested; no
+    # RDS, whose length buckets would each compile a train step; one sampler scan body).
     flags = {**TINY_TOKENIZER, "tokenizer.data.source": "imagefolder", "tokenizer.num_steps": 2,
              "tokenizer.ckpt_every": 2, "tokenizer.log_every": 1,
              "tokenizer.eval_batch_size": 32, "tokenizer.loss.disc_start": 1000,
              "model.num_classes": 4, "train.num_steps": 2, "train.ckpt_every": 2,
-             "train.log_every": 1, "tpt.enabled": False,
-             **_eval_flags(inception, folder)}
+             "train.log_every": 1, "train.rds": False, "tpt.enabled": False,
+             "sample.max_groups": 1, **_eval_flags(inception, folder)}
     config = config_io.load_config(str(REPO / "configs/demo.py"), **flags)
     trained = tmp_path / "trained"
     for mode in ("train_vq", "cache_tokens", "train"):
@@ -186,7 +187,7 @@ def test_eval_end_to_end_with_kill_and_resume(tmp_path):
     # Interrupted: SIGKILL once the first shard file is on disk, then the same command again.
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # with conftest's shared compilation cache
     cli_flags = {k: v for k, v in flags.items()
-                 if k.startswith(("eval.", "tokenizer.data.", "tokenizer.model."))}
+                 if k.startswith(("eval.", "sample.", "tokenizer.data.", "tokenizer.model."))}
     setting_dir = resumed / "samples" / "eval" / "cfg2_steps7"
     proc = subprocess.Popen(_cli_eval(resumed, cli_flags), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -26,9 +26,11 @@ from radar_jax import workdir as workdir_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo.py")
 # decay_steps pins the cosine schedule's length, so a run of 8 steps continued to 12 follows
-# the same learning rates as a run of 12 (the demo's default decays over num_steps).
+# the same learning rates as a run of 12 (the demo's default decays over num_steps). The demo's
+# RDS stays on, padded to one length: one compiled train step instead of one per length bucket
+# that the 12 steps happen to draw (each run, and each resumed run, loads every one of them).
 OVERRIDES = {"train.num_steps": 12, "train.log_every": 1, "train.ckpt_every": 4,
-             "train.batch_size": 8, "train.decay_steps": 12}
+             "train.batch_size": 8, "train.decay_steps": 12, "train.rds_buckets": 1}
 
 # Runs the real CLI with each step slowed down, so a signal can land mid-run.
 _SLOW_CLI = textwrap.dedent("""
