@@ -21,11 +21,11 @@ from radar_jax import checkpoint as ckpt_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Four steps (checkpoints at 2 and 4) and RDS on: each step's ladders are drawn for the global
 # batch, which both processes must agree on (padded to one length: one compiled step, not one
-# per length bucket drawn). The learning-rate schedule is pinned to the 6
-# steps of the resumed run, so the one-process runs compile one generator step between them.
-# Tokenizer post-training is off: it shards its state with trainer.create_sharded_state, as
-# the tokenizer and generator stages that two processes run here do, and each stage costs tens
-# of seconds of compile per process on 2 cores (test_tpt covers the stage on one process).
+# per length bucket drawn). The learning-rate schedule is pinned to the 6 steps of the resumed
+# run, so the one-process runs compile one generator step between them. Tokenizer
+# post-training is off: it shards its state with trainer.create_sharded_state, as the
+# tokenizer and generator stages that two processes run here do, and each stage costs tens of
+# seconds of compile per process on 2 cores (test_tpt covers the stage on one process).
 FLAGS = ["--config=configs/demo.py",
          *tiny_demo_flags(**{"train.num_steps": 4, "train.decay_steps": 6, "train.rds": True,
                              "train.rds_buckets": 1, "tpt.enabled": False})]
